@@ -1,0 +1,50 @@
+// Argument checks shared by the CPU and CUDA kernels. Every message names the argument and
+// what was expected, so a user's mistake never reaches a kernel.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace evomask {
+
+// Validates a [B, N, N] similarity (or attention) tensor and returns it as contiguous float32.
+// Half, bfloat16 and float64 inputs are converted first, so they give exactly the tree of the
+// same values in float32 (DESIGN.md, linkage_tree).
+inline at::Tensor similarity_as_float(const at::Tensor& sim, const char* name) {
+  TORCH_CHECK(sim.dim() == 3, name, " must be a [B, N, N] tensor, got ", sim.dim(),
+              " dimension(s) with shape ", sim.sizes());
+  TORCH_CHECK(sim.size(1) == sim.size(2), name,
+              " must be square in its last two dimensions ([B, N, N]), got shape ", sim.sizes());
+  TORCH_CHECK(sim.size(1) >= 2, name, " needs at least N = 2 patches to build a tree, got N = ",
+              sim.size(1));
+  TORCH_CHECK(at::isFloatingType(sim.scalar_type()), name,
+              " must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
+              sim.scalar_type());
+  at::Tensor s = sim.to(at::kFloat).contiguous();
+  TORCH_CHECK(s.numel() == 0 || at::isfinite(s).all().item<bool>(), name,
+              " contains NaN or Inf values (after conversion to float32); the tree is undefined");
+  return s;
+}
+
+// Validates hier_mask's scalar and noise arguments against attn [B, N, N]; returns noise as
+// contiguous float32.
+inline at::Tensor check_hier_mask_args(const at::Tensor& attn, const at::Tensor& noise,
+                                       double mask_ratio, double progress) {
+  TORCH_CHECK(mask_ratio > 0.0 && mask_ratio < 1.0, "mask_ratio must be in the open interval (0, 1), got ",
+              mask_ratio);
+  TORCH_CHECK(progress >= 0.0 && progress <= 1.0, "progress (t / T) must be in [0, 1], got ", progress);
+  TORCH_CHECK(noise.device() == attn.device(), "noise must be on the same device as attn (",
+              attn.device(), "), got ", noise.device());
+  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == attn.size(0) && noise.size(1) == attn.size(1),
+              "noise must have shape [B, N] = [", attn.size(0), ", ", attn.size(1), "] to match attn, got ",
+              noise.sizes());
+  TORCH_CHECK(at::isFloatingType(noise.scalar_type()), "noise must be a floating-point tensor, got ",
+              noise.scalar_type());
+  at::Tensor n = noise.to(at::kFloat).contiguous();
+  TORCH_CHECK(n.numel() == 0 || at::isfinite(n).all().item<bool>(),
+              "noise contains NaN or Inf values (after conversion to float32)");
+  return n;
+}
+
+}  // namespace evomask

@@ -1,0 +1,17 @@
+// The evomask op contracts, declared once. Kernels register per backend in cpu/ and cuda/;
+// fake (meta) kernels and the pure-PyTorch reference live in the Python package.
+// Contracts: ../shared/DESIGN.md, summarised in README.md.
+#include <torch/library.h>
+
+TORCH_LIBRARY(evomask, m) {
+  // Average-linkage agglomerative tree on a similarity matrix (EHM Eq. 7-10).
+  m.def("linkage_tree(Tensor sim) -> (Tensor children, Tensor heights, Tensor levels, Tensor sizes)",
+        {at::Tag::pt2_compliant_tag});
+  // EHM mask (Eq. 14-17): tree build plus depth-h group selection, fused.
+  m.def("hier_mask(Tensor attn, Tensor noise, float mask_ratio, float progress) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // Batched diagonal Gaussian-mixture EM (EPM Eq. 10-16).
+  m.def("gmm_em(Tensor x, Tensor init_means, int num_iters, float reg_covar) -> "
+        "(Tensor resp, Tensor means, Tensor variances, Tensor weights, Tensor log_likelihood)",
+        {at::Tag::pt2_compliant_tag});
+}

@@ -1,0 +1,48 @@
+"""Fake (meta) kernels: output shapes and dtypes without computing, for torch.compile and
+FakeTensor tracing. They mirror the shape checks of the real kernels."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check_similarity(sim: torch.Tensor, name: str) -> tuple[int, int]:
+    torch._check(sim.dim() == 3, lambda: f"{name} must be a [B, N, N] tensor, got shape {tuple(sim.shape)}")
+    torch._check(sim.shape[1] == sim.shape[2], lambda: f"{name} must be square, got shape {tuple(sim.shape)}")
+    torch._check(sim.shape[1] >= 2, lambda: f"{name} needs at least N = 2 patches")
+    return sim.shape[0], sim.shape[1]
+
+
+@torch.library.register_fake("evomask::linkage_tree")
+def _linkage_tree_fake(sim):
+    b, n = _check_similarity(sim, "sim")
+    long = dict(dtype=torch.long, device=sim.device)
+    return (
+        sim.new_empty((b, n - 1, 2), **long),
+        sim.new_empty((b, n - 1), dtype=torch.float32),
+        sim.new_empty((b, n - 1), **long),
+        sim.new_empty((b, n - 1), **long),
+    )
+
+
+@torch.library.register_fake("evomask::hier_mask")
+def _hier_mask_fake(attn, noise, mask_ratio, progress):
+    b, n = _check_similarity(attn, "attn")
+    torch._check(noise.shape == (b, n), lambda: f"noise must have shape [B, N] = [{b}, {n}]")
+    return attn.new_empty((b, n), dtype=torch.bool)
+
+
+@torch.library.register_fake("evomask::gmm_em")
+def _gmm_em_fake(x, init_means, num_iters, reg_covar):
+    torch._check(x.dim() == 3, lambda: "x must be [B, N, D]")
+    torch._check(init_means.dim() == 3, lambda: "init_means must be [B, K, D]")
+    b, n, d = x.shape
+    k = init_means.shape[1]
+    f32 = dict(dtype=torch.float32)
+    return (
+        x.new_empty((b, n, k), **f32),
+        x.new_empty((b, k, d), **f32),
+        x.new_empty((b, k, d), **f32),
+        x.new_empty((b, k), **f32),
+        x.new_empty((b,), **f32),
+    )

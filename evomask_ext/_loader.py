@@ -1,0 +1,77 @@
+"""Loads the compiled ``torch.ops.evomask`` kernels, or falls back to the reference.
+
+The compiled library registers the schemas (``TORCH_LIBRARY``) and its CPU/CUDA kernels when it
+is loaded. Any op/backend pair without a compiled kernel (library missing, CPU-only build, an op
+whose kernels land later) gets the pure-PyTorch reference instead, with one warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import _schemas, reference
+
+LIBRARY_NAME = "libevomask_ops.so"
+NAMESPACE = "evomask"
+_BACKENDS = ("CPU", "CUDA")
+
+# Keep the Library objects alive: dropping them would unregister the fallback kernels.
+_python_libraries: list[torch.library.Library] = []
+
+
+def _find_library() -> Path | None:
+    candidate = Path(__file__).resolve().with_name(LIBRARY_NAME)
+    return candidate if candidate.exists() else None
+
+
+def _load_compiled() -> tuple[bool, str]:
+    """Returns (loaded, reason-if-not)."""
+    if os.environ.get("EVOMASK_DISABLE_EXTENSION", "") not in ("", "0"):
+        return False, "EVOMASK_DISABLE_EXTENSION is set"
+    path = _find_library()
+    if path is None:
+        return False, f"{LIBRARY_NAME} was not found next to {__file__} (package not built?)"
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as exc:  # e.g. built against another torch
+        return False, f"loading {path} failed: {exc}"
+    return True, ""
+
+
+def has_kernel(op: str, backend: str) -> bool:
+    """Whether ``evomask::op`` has a kernel registered for ``backend`` ("CPU", "CUDA")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", backend)
+
+
+def _register_reference_fallbacks(defined_here: bool) -> list[str]:
+    if defined_here:
+        lib = torch.library.Library(NAMESPACE, "DEF")
+        for schema in _schemas.SCHEMAS.values():
+            lib.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
+        _python_libraries.append(lib)
+    impl_lib = torch.library.Library(NAMESPACE, "IMPL")
+    _python_libraries.append(impl_lib)
+    filled = []
+    for op in _schemas.SCHEMAS:
+        for backend in _BACKENDS:
+            if not has_kernel(op, backend):
+                impl_lib.impl(op, getattr(reference, op), backend)
+                filled.append(f"{op}/{backend}")
+    return filled
+
+
+COMPILED, _WHY_NOT = _load_compiled()
+REFERENCE_KERNELS = _register_reference_fallbacks(defined_here=not COMPILED)
+
+if not COMPILED:
+    warnings.warn(
+        f"evomask: the compiled kernels are not available ({_WHY_NOT}); torch.ops.evomask.* run the "
+        "pure-PyTorch reference, which is correct but slow. Build with "
+        "`pip install --no-build-isolation .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )

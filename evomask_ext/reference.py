@@ -1,0 +1,237 @@
+"""Pure-PyTorch reference implementations of the ``torch.ops.evomask`` ops.
+
+They are the fallback when the compiled kernels are missing and the oracle the kernels are
+tested against, so they favour plain, literal code over speed: ``linkage_tree`` is the textbook
+O(N^3) agglomeration (a full argmax per merge), vectorized over the batch only.
+
+Arithmetic deliberately matches the kernels operation for operation (float32 storage, the
+Lance-Williams update in float64 rounded once to float32), so on inputs without exact ties all
+backends build the same tree and the same mask bit for bit. Contracts: README.md / DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["linkage_tree", "hier_mask", "gmm_em", "masked_count", "mask_depth"]
+
+
+def _check(condition: bool, message: str) -> None:
+    # RuntimeError, like TORCH_CHECK in the compiled kernels, so every backend fails alike.
+    if not condition:
+        raise RuntimeError(message)
+
+
+def _similarity_as_float(sim: torch.Tensor, name: str) -> torch.Tensor:
+    _check(sim.dim() == 3, f"{name} must be a [B, N, N] tensor, got {sim.dim()} dimension(s) with shape {list(sim.shape)}")
+    _check(
+        sim.shape[1] == sim.shape[2],
+        f"{name} must be square in its last two dimensions ([B, N, N]), got shape {list(sim.shape)}",
+    )
+    _check(sim.shape[1] >= 2, f"{name} needs at least N = 2 patches to build a tree, got N = {sim.shape[1]}")
+    _check(
+        sim.is_floating_point(),
+        f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), got {sim.dtype}",
+    )
+    s = sim.to(torch.float32).contiguous()
+    _check(
+        bool(torch.isfinite(s).all()),
+        f"{name} contains NaN or Inf values (after conversion to float32); the tree is undefined",
+    )
+    return s
+
+
+def masked_count(n: int, mask_ratio: float) -> int:
+    """MAE's rule: keep ``int(N * (1 - r))`` patches, mask the rest."""
+    return n - int(n * (1.0 - mask_ratio))
+
+
+def mask_depth(tree_height: int, progress: float) -> int:
+    """EHM's depth schedule ``h = min(l, 1 + floor(l * t / T))`` (Sec. IV-C)."""
+    return min(tree_height, 1 + math.floor(tree_height * progress))
+
+
+def linkage_tree(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Average-linkage agglomerative tree of ``sim`` [B, N, N] (higher = closer).
+
+    Returns ``children`` [B, N-1, 2] (scipy's layout: leaves 0..N-1, row k creates node N+k,
+    smaller id first), ``heights`` [B, N-1] (average similarity of the merged pair),
+    ``levels`` [B, N-1] (EHM Eq. 10) and ``sizes`` [B, N-1].
+    """
+    s = _similarity_as_float(sim, "sim")
+    batch, n, _ = s.shape
+    device = s.device
+    rows = torch.arange(batch, device=device)
+
+    # Working matrix: slot i holds one current cluster; unused entries are -inf so they never win.
+    d = (s + s.transpose(1, 2)) * 0.5
+    upper = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+    d = d.masked_fill(~upper & ~upper.T, -math.inf)  # the diagonal
+    size = torch.ones(batch, n, dtype=torch.long, device=device)
+    node = torch.arange(n, device=device).repeat(batch, 1)
+    level = torch.ones(batch, n, dtype=torch.long, device=device)
+
+    children = torch.empty(batch, n - 1, 2, dtype=torch.long, device=device)
+    heights = torch.empty(batch, n - 1, dtype=torch.float32, device=device)
+    levels = torch.empty(batch, n - 1, dtype=torch.long, device=device)
+    sizes = torch.empty(batch, n - 1, dtype=torch.long, device=device)
+
+    for step in range(n - 1):
+        # EHM Eq. 7: merge the most similar pair. argmax returns the first maximum, i.e. the
+        # smallest (a, b) in row-major order among exact ties.
+        flat = d.masked_fill(~upper, -math.inf).flatten(1).argmax(dim=1)
+        a, b = flat // n, flat % n
+        na, nb = size[rows, a], size[rows, b]
+        node_a, node_b = node[rows, a], node[rows, b]
+        children[:, step, 0] = torch.minimum(node_a, node_b)
+        children[:, step, 1] = torch.maximum(node_a, node_b)
+        heights[:, step] = d[rows, a, b]
+        levels[:, step] = torch.maximum(level[rows, a], level[rows, b]) + 1  # EHM Eq. 10
+        sizes[:, step] = na + nb
+
+        # EHM Eq. 9 (Lance-Williams, average linkage), in float64 then rounded once to float32.
+        # Retired slots stay -inf: any combination with -inf is -inf.
+        merged = (
+            (na[:, None].double() * d[rows, a].double() + nb[:, None].double() * d[rows, b].double())
+            / (na + nb)[:, None].double()
+        ).float()
+        merged[rows, a] = -math.inf
+        merged[rows, b] = -math.inf
+        d[rows, a, :] = merged
+        d[rows, :, a] = merged
+        d[rows, b, :] = -math.inf
+        d[rows, :, b] = -math.inf
+
+        size[rows, a] = na + nb
+        node[rows, a] = n + step
+        level[rows, a] = levels[:, step]
+    return children, heights, levels, sizes
+
+
+def _depth_groups(children: list[list[int]], levels: list[int], n: int, depth: int) -> list[int]:
+    """The maximal nodes whose level is <= depth: every leaf is in exactly one of them."""
+    groups, stack = [], [2 * n - 2]
+    while stack:
+        v = stack.pop()
+        if v < n or levels[v - n] <= depth:
+            groups.append(v)
+        else:
+            stack.extend(children[v - n])
+    return groups
+
+
+def _leaves_left_to_right(children: list[list[int]], n: int, v: int) -> list[int]:
+    """Leaves under node v, depth-first with the smaller child first."""
+    if v < n:
+        return [v]
+    left, right = children[v - n]
+    return _leaves_left_to_right(children, n, left) + _leaves_left_to_right(children, n, right)
+
+
+def hier_mask(attn: torch.Tensor, noise: torch.Tensor, mask_ratio: float, progress: float) -> torch.Tensor:
+    """EHM mask (Eq. 14-17): bool [B, N], True = masked, exactly ``masked_count(N, r)`` per row.
+
+    Groups are the maximal subtrees of level <= h, h = min(l, 1 + floor(l * progress)). They are
+    taken in decreasing order of their key (``noise`` at their smallest leaf; ties to the smaller
+    leaf) and masked whole; the last one is cut in left-to-right leaf order.
+    """
+    s = _similarity_as_float(attn, "attn")
+    _check(0.0 < mask_ratio < 1.0, f"mask_ratio must be in the open interval (0, 1), got {mask_ratio}")
+    _check(0.0 <= progress <= 1.0, f"progress (t / T) must be in [0, 1], got {progress}")
+    _check(
+        noise.device == attn.device,
+        f"noise must be on the same device as attn ({attn.device}), got {noise.device}",
+    )
+    batch, n, _ = s.shape
+    _check(
+        noise.dim() == 2 and tuple(noise.shape) == (batch, n),
+        f"noise must have shape [B, N] = [{batch}, {n}] to match attn, got {list(noise.shape)}",
+    )
+    _check(noise.is_floating_point(), f"noise must be a floating-point tensor, got {noise.dtype}")
+    keys = noise.to(torch.float32)
+    _check(bool(torch.isfinite(keys).all()), "noise contains NaN or Inf values (after conversion to float32)")
+
+    mask = torch.zeros(batch, n, dtype=torch.bool)
+    if batch == 0:
+        return mask.to(attn.device)
+    children, _, levels, _ = linkage_tree(s)
+    num_mask = masked_count(n, mask_ratio)
+    for img in range(batch):
+        kids, lvls, key = children[img].tolist(), levels[img].tolist(), keys[img].tolist()
+        groups = _depth_groups(kids, lvls, n, mask_depth(lvls[-1], progress))
+        ordered = [_leaves_left_to_right(kids, n, g) for g in groups]
+        ordered.sort(key=lambda leaves: (-key[min(leaves)], min(leaves)))
+        chosen = [leaf for leaves in ordered for leaf in leaves][:num_mask]
+        mask[img, chosen] = True
+    return mask.to(attn.device)
+
+
+def _log_gaussian_diag(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
+    """log N(x_i | mu_k, diag(var_k)) for every point and component: [B, N, K] (EPM Eq. 11).
+
+    The squared Mahalanobis term is expanded into matrix products so memory stays O(B N K + B K D);
+    in float64 the cancellation this invites costs far less than float32's resolution.
+    """
+    d = x.shape[-1]
+    precision = 1.0 / variances  # [B, K, D]
+    mahalanobis = (
+        (x * x) @ precision.transpose(1, 2)
+        - 2.0 * x @ (means * precision).transpose(1, 2)
+        + (means * means * precision).sum(-1)[:, None, :]
+    )
+    return -0.5 * (d * math.log(2 * math.pi) + variances.log().sum(-1)[:, None, :] + mahalanobis)
+
+
+def _e_step(x, means, variances, weights):
+    weighted = _log_gaussian_diag(x, means, variances) + weights.log()[:, None, :]
+    log_norm = torch.logsumexp(weighted, dim=-1)
+    return weighted - log_norm[..., None], log_norm.mean(dim=1)
+
+
+def gmm_em(
+    x: torch.Tensor, init_means: torch.Tensor, num_iters: int, reg_covar: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched diagonal Gaussian-mixture EM (EPM Eq. 10-16), computed in float64.
+
+    Start: uniform weights, every component's variance = var(x over N) + reg_covar. Then
+    ``num_iters`` E/M iterations and a final E-step. As in scikit-learn, each component's mass
+    gets ``10 * eps`` added, so an empty component does not divide by zero: its mean collapses to
+    0 and its variance to ``reg_covar``, both finite.
+    Returns resp [B, N, K], means [B, K, D], variances [B, K, D], weights [B, K],
+    log_likelihood [B] (mean per point), all float32.
+    """
+    _check(x.dim() == 3, f"x must be a [B, N, D] tensor, got shape {list(x.shape)}")
+    _check(
+        init_means.dim() == 3 and init_means.shape[0] == x.shape[0] and init_means.shape[2] == x.shape[2],
+        f"init_means must be [B, K, D] = [{x.shape[0]}, K, {x.shape[2]}], got shape {list(init_means.shape)}",
+    )
+    _check(init_means.shape[1] >= 1, "init_means needs at least K = 1 component")
+    _check(x.shape[1] >= 1, "x needs at least N = 1 point")
+    _check(x.is_floating_point() and init_means.is_floating_point(), "x and init_means must be floating-point")
+    _check(init_means.device == x.device, f"init_means must be on x's device ({x.device}), got {init_means.device}")
+    _check(num_iters >= 0, f"num_iters must be >= 0, got {num_iters}")
+    _check(reg_covar > 0.0 and math.isfinite(reg_covar), f"reg_covar must be a finite value > 0, got {reg_covar}")
+    xd = x.double()
+    _check(bool(torch.isfinite(xd).all()), "x contains NaN or Inf values")
+    _check(bool(torch.isfinite(init_means).all()), "init_means contains NaN or Inf values")
+
+    batch, n, d = xd.shape
+    k = init_means.shape[1]
+    eps = 10 * torch.finfo(torch.float64).eps
+    means = init_means.double()
+    variances = (xd.var(dim=1, unbiased=False) + reg_covar)[:, None, :].expand(batch, k, d).clone()
+    weights = torch.full((batch, k), 1.0 / k, dtype=torch.float64, device=x.device)
+    for _ in range(num_iters):
+        log_resp, _ = _e_step(xd, means, variances, weights)
+        resp = log_resp.exp()
+        mass = resp.sum(dim=1) + eps  # [B, K]
+        means = resp.transpose(1, 2) @ xd / mass[..., None]
+        # sum_i r_ik (x_i - mu_k)^2 / N_k = E_r[x^2] - mu_k^2, scikit-learn's form (float64 keeps
+        # the cancellation harmless; see _log_gaussian_diag).
+        second_moment = resp.transpose(1, 2) @ (xd * xd) / mass[..., None]
+        variances = (second_moment - means * means).clamp_min(0) + reg_covar
+        weights = mass / mass.sum(dim=1, keepdim=True)
+    log_resp, log_likelihood = _e_step(xd, means, variances, weights)
+    return tuple(t.float() for t in (log_resp.exp(), means, variances, weights, log_likelihood))

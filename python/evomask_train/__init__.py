@@ -1,0 +1,1 @@
+"""evomask training tools: the demo now, the MAE trainer later."""
