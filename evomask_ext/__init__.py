@@ -6,9 +6,11 @@ the Python API below.
 """
 
 from . import reference
-from ._loader import COMPILED, REFERENCE_KERNELS, has_kernel
+from ._loader import COMPILED, REFERENCE_KERNELS, has_kernel, kernel_sources
 from . import _fake  # noqa: F401  (registers the fake kernels)
-from .ops import GaussianMixture, LinkageTree, draw_noise, gmm_em, hier_mask, linkage_tree
+from .ops import GaussianMixture, LinkageTree, draw_noise, gmm_em, group_labels, hier_mask, linkage_tree
+
+from . import masking, selective  # noqa: E402,F401  (registers the strategies)
 
 __version__ = "0.1.0"
 
@@ -19,7 +21,9 @@ __all__ = [
     "LinkageTree",
     "draw_noise",
     "gmm_em",
+    "group_labels",
     "has_kernel",
+    "kernel_sources",
     "hier_mask",
     "linkage_tree",
     "reference",

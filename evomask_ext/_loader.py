@@ -75,3 +75,16 @@ if not COMPILED:
         RuntimeWarning,
         stacklevel=2,
     )
+
+
+def kernel_sources() -> dict[str, dict[str, str]]:
+    """For each op and backend: "compiled", "reference" (Python fallback) or "missing"."""
+    sources: dict[str, dict[str, str]] = {}
+    for op in _schemas.SCHEMAS:
+        sources[op] = {}
+        for backend in _BACKENDS:
+            if f"{op}/{backend}" in REFERENCE_KERNELS:
+                sources[op][backend] = "reference"
+            else:
+                sources[op][backend] = "compiled" if has_kernel(op, backend) else "missing"
+    return sources

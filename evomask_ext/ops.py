@@ -6,7 +6,9 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["LinkageTree", "linkage_tree", "hier_mask", "gmm_em", "GaussianMixture", "draw_noise"]
+from . import reference
+
+__all__ = ["LinkageTree", "linkage_tree", "hier_mask", "gmm_em", "GaussianMixture", "draw_noise", "group_labels"]
 
 
 class LinkageTree(NamedTuple):
@@ -73,6 +75,18 @@ def linkage_tree(attn: torch.Tensor) -> LinkageTree:
     """
     _require_tensor(attn, "attn")
     return LinkageTree(*torch.ops.evomask.linkage_tree(attn))
+
+
+def group_labels(tree: LinkageTree, depth: int) -> torch.Tensor:
+    """Patch -> group id ``[B, N]`` of the groups at tree ``depth`` (EHM Eq. 14-15).
+
+    The groups are the maximal subtrees whose level is ``<= depth``: the partition that
+    :func:`hier_mask` masks whole at that depth (``depth = 1`` gives single patches, the tree
+    height gives one group). Ids run 0.. per image in order of each group's first patch.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an int >= 1 (leaves are level 1), got {depth!r}")
+    return reference.group_labels(tree.children.cpu(), tree.levels.cpu(), depth).to(tree.children.device)
 
 
 def hier_mask(

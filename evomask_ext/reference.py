@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["linkage_tree", "hier_mask", "gmm_em", "masked_count", "mask_depth"]
+__all__ = ["linkage_tree", "hier_mask", "gmm_em", "masked_count", "mask_depth", "group_labels"]
 
 
 def _check(condition: bool, message: str) -> None:
@@ -128,6 +128,21 @@ def _leaves_left_to_right(children: list[list[int]], n: int, v: int) -> list[int
         return [v]
     left, right = children[v - n]
     return _leaves_left_to_right(children, n, left) + _leaves_left_to_right(children, n, right)
+
+
+def group_labels(children: torch.Tensor, levels: torch.Tensor, depth: int) -> torch.Tensor:
+    """Patch -> group id [B, N] for the groups at ``depth`` (the partition ``hier_mask`` masks).
+
+    Groups are numbered per image in left-to-right order of their first leaf.
+    """
+    batch, n = children.shape[0], children.shape[1] + 1
+    labels = torch.empty(batch, n, dtype=torch.long)
+    for img in range(batch):
+        kids, lvls = children[img].tolist(), levels[img].tolist()
+        groups = [_leaves_left_to_right(kids, n, g) for g in _depth_groups(kids, lvls, n, depth)]
+        for gid, leaves in enumerate(sorted(groups, key=min)):
+            labels[img, leaves] = gid
+    return labels.to(children.device)
 
 
 def hier_mask(attn: torch.Tensor, noise: torch.Tensor, mask_ratio: float, progress: float) -> torch.Tensor:

@@ -1,0 +1,418 @@
+"""evomask-pretrain: MAE pretraining whose mask of every step comes from ``torch.ops.evomask``.
+
+A thin loop in the spirit of MAE's ``main_pretrain.py``: AdamW (0.9, 0.95), cosine schedule with
+warmup, bf16 autocast on CUDA, gradient accumulation, DDP under ``torchrun``, atomic
+checkpoints with every RNG state (so a resumed run continues bit for bit), a tqdm bar,
+``metrics.csv`` plus TensorBoard, and mask galleries.
+
+Each step embeds the batch once; the masking strategy sees that embedding and, for the
+attention-driven strategies, runs the current encoder's first ``--attn-layers`` blocks on the
+full sequence without gradients (EHM Sec. V-E) before the encoder sees only the visible patches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+import evomask_ext
+from evomask_ext.attention import attention_maps
+from evomask_ext.masking import STRATEGIES, MaskContext, MaskStrategy, build_strategy
+
+from .checkpoint import latest_valid_checkpoint, load_checkpoint, prune_checkpoints, save_atomic
+from .data import build_dataset, build_loader, set_loader_epoch
+from .gallery import save_gallery
+from .model import MODEL_SIZES, MaskedAutoencoder, build_mae
+
+__all__ = ["build_parser", "main", "train"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evomask-pretrain",
+        description="MAE pretraining with evolved masks (EHM/EPM) or the baselines, masks from torch.ops.evomask.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", type=Path, default=None,
+                   help="ImageFolder-style folder of images (labels unused); default: the embedded scikit-image photos")
+    g.add_argument("--dataset-length", type=int, default=1024,
+                   help="samples per epoch of the embedded default dataset (random crops)")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(MODEL_SIZES), default="tiny", help="ViT encoder size (MAE decoder scaled with it)")
+    g.add_argument("--img-size", type=int, default=224, help="input resolution in pixels")
+    g.add_argument("--patch-size", type=int, default=16, help="patch side in pixels")
+    g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="regress per-patch normalised pixels (MAE's best setting)")
+    g = p.add_argument_group("masking")
+    g.add_argument("--mask", choices=sorted(STRATEGIES), default="ehm", help="masking strategy")
+    g.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches masked")
+    g.add_argument("--attn-layers", type=int, default=None,
+                   help="encoder blocks whose attention is averaged for the masks (default: half the depth)")
+    g.add_argument("--selective-steps", type=int, default=10,
+                   help="selective: S schedule steps; step 0 masks at random, later ones by a frozen snapshot's errors")
+    g.add_argument("--selective-probes", type=int, default=5,
+                   help="selective: R random-mask passes of the snapshot per batch (R extra forwards)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=400, help="training epochs")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimiser steps in total (the schedule still spans --epochs)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per step per process")
+    g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps per optimiser step")
+    g.add_argument("--blr", type=float, default=1.5e-4, help="base learning rate: lr = blr * effective batch / 256")
+    g.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="floor of the cosine schedule")
+    g.add_argument("--warmup-epochs", type=float, default=40, help="linear warmup length in epochs")
+    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases/norms/tokens)")
+    g.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
+                   help="mixed precision: auto = bf16 autocast on CUDA, off on CPU")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:K")
+    g.add_argument("--output-dir", type=Path, default=Path("out/pretrain"), help="metrics, checkpoints, galleries")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, data order, crops and masks")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint file to resume from, or 'auto' for the newest valid one in --output-dir")
+    g.add_argument("--save-every", type=int, default=200, help="checkpoint every this many optimiser steps (and at each epoch end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="step checkpoints kept on disk")
+    g.add_argument("--gallery-every", type=int, default=10, help="write a mask gallery every this many epochs (and at the end)")
+    g.add_argument("--gallery-images", type=int, default=4, help="images in each gallery")
+    g.add_argument("--log-every", type=int, default=10, help="metrics.csv / TensorBoard every this many optimiser steps")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# distributed and small utilities
+
+
+def _init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device(device_arg)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.device(device_arg).type == "cuda":
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend=backend)
+    return rank, world, device
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith("token") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return factor
+
+
+def _epoch_loader(loader: DataLoader, epoch: int, skip_batches: int) -> DataLoader:
+    """The loader of ``epoch``, starting after ``skip_batches`` batches (exact mid-epoch resume).
+
+    The skipped part is cut from the sampler's index order, so no image is loaded for nothing.
+    """
+    set_loader_epoch(loader, epoch)
+    if skip_batches == 0:
+        return loader
+    order = list(loader.sampler)[skip_batches * loader.batch_size :]
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size, sampler=order, num_workers=loader.num_workers,
+        drop_last=loader.drop_last, pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator,
+    )
+
+
+class _MetricsLog:
+    """metrics.csv (append-safe across resumes) plus TensorBoard when it is installed."""
+
+    FIELDS = ("step", "epoch", "progress", "loss", "lr", "mask_ms", "step_ms", "images_per_s")
+
+    def __init__(self, folder: Path, resumed_step: int):
+        self.path = folder / "metrics.csv"
+        rows = []
+        if self.path.exists():  # keep what was logged up to the checkpoint we resume from
+            with self.path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resumed_step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(folder / "tensorboard"), purge_step=resumed_step + 1)
+        except ImportError:
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.FIELDS).writerow(row)
+        if self.tb is not None:
+            for key in ("loss", "lr", "mask_ms", "step_ms", "images_per_s"):
+                self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class StepMasker:
+    """Builds a step's mask from the model's own patch embedding, for :meth:`MaskedAutoencoder.forward`."""
+
+    def __init__(self, strategy: MaskStrategy, attn_layers: int, generator: torch.Generator):
+        self.strategy = strategy
+        self.attn_layers = attn_layers
+        self.generator = generator
+        self.progress = 0.0
+        self.last_ms = 0.0
+
+    def __call__(self, imgs: torch.Tensor, tokens: torch.Tensor, model: MaskedAutoencoder) -> torch.Tensor:
+        started = time.perf_counter()
+        needs = self.strategy.needs
+        maps = None
+        if needs & {"attn", "cls_attn"}:
+            maps = attention_maps(
+                model.blocks, tokens, patch_layers=self.attn_layers if "attn" in needs else 0,
+                cls_from_last="cls_attn" in needs,
+            )
+        ctx = MaskContext(
+            batch_size=tokens.shape[0], grid=model.cfg.grid, device=tokens.device, generator=self.generator,
+            attn=maps.patch if maps is not None else None, cls_attn=maps.cls if maps is not None else None,
+            images=imgs if "images" in needs else None, model=model if "model" in needs else None,
+        )
+        mask = self.strategy(ctx, self.progress)
+        if tokens.is_cuda:
+            torch.cuda.synchronize(tokens.device)
+        self.last_ms = (time.perf_counter() - started) * 1e3
+        return mask
+
+
+def _rng_state(generators: dict[str, torch.Generator], device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in generators.items()}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, generators: dict[str, torch.Generator], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    for key, gen in generators.items():
+        gen.set_state(state[key])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _jsonable_args(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Runs pretraining as configured by ``args`` (see :func:`build_parser`); returns a summary."""
+    rank, world, device = _init_distributed(args.device)
+    is_main = rank == 0
+    out = Path(args.output_dir)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    model = build_mae(args.model, args.img_size, args.patch_size, args.norm_pix_loss).to(device)
+    depth = model.cfg.depth
+    attn_layers = args.attn_layers if args.attn_layers is not None else depth // 2
+    if not 1 <= attn_layers <= depth:
+        raise SystemExit(f"--attn-layers must be in [1, {depth}] for --model {args.model}, got {attn_layers}")
+    torch.manual_seed(args.seed + 1 + rank)
+
+    dataset = build_dataset(args.data, args.img_size, seed=args.seed, length=args.dataset_length)
+    loader = build_loader(dataset, args.batch_size, args.seed, num_workers=args.num_workers,
+                          distributed=world > 1, rank=rank, world_size=world)
+    steps_per_epoch = len(loader) // args.accum_iter
+    if steps_per_epoch == 0:
+        raise SystemExit(
+            f"the dataset ({len(dataset)} images) gives no full optimiser step per epoch with --batch-size "
+            f"{args.batch_size} x --accum-iter {args.accum_iter} x {world} process(es)"
+        )
+    total_steps = args.epochs * steps_per_epoch
+    eff_batch = args.batch_size * args.accum_iter * world
+    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _cosine_with_warmup(total_steps, round(args.warmup_epochs * steps_per_epoch), args.min_lr / lr)
+    )
+    use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+
+    options = {"steps": args.selective_steps, "probes": args.selective_probes} if args.mask == "selective" else {}
+    strategy = build_strategy(args.mask, args.mask_ratio, **options)
+    mask_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + 17 + rank)
+    masker = StepMasker(strategy, attn_layers, mask_gen)
+    generators = {"mask": mask_gen}
+
+    step = 0
+    if args.resume:
+        if args.resume == "auto":
+            found = latest_valid_checkpoint(out)
+            ckpt = found[1] if found else None
+            if found is None and is_main:
+                print(f"[evomask] --resume auto: no checkpoint in {out}, starting fresh", flush=True)
+        else:
+            ckpt = load_checkpoint(Path(args.resume))
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            strategy.load_state_dict(ckpt.get("strategy", {}))
+            rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
+            _set_rng_state(rng, generators, device)
+            step = int(ckpt["step"])
+            if is_main:
+                print(f"[evomask] resumed from step {step} (epoch {step / steps_per_epoch:.2f})", flush=True)
+
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    log = _MetricsLog(out, step) if is_main else None
+    gallery_batch = torch.stack([dataset[i] for i in range(min(args.gallery_images, len(dataset)))]).to(device)
+    last_steps = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
+
+    def checkpoint() -> None:
+        rngs = [None] * world
+        state = _rng_state(generators, device)
+        if world > 1:
+            dist.all_gather_object(rngs, state)
+        else:
+            rngs = [state]
+        if is_main:
+            save_atomic(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "strategy": strategy.state_dict(), "step": step, "epoch": step / steps_per_epoch,
+                 "rng": rngs, "args": json.dumps(_jsonable_args(args))},
+                out / f"checkpoint-{step:08d}.pt",
+            )
+            prune_checkpoints(out, args.keep_checkpoints)
+
+    def gallery(epoch: int) -> None:
+        if not is_main:
+            return
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            gen_state = mask_gen.get_state()  # galleries must not shift the training masks
+            _, pred, mask = model(gallery_batch, mask_fn=masker)
+            mask_gen.set_state(gen_state)
+        save_gallery(model, gallery_batch, mask, pred, attn_layers, out / "gallery" / f"epoch{epoch:04d}.png",
+                     f"{args.mask} masks, epoch {epoch}, t/T = {masker.progress:.2f} ({args.model}, {args.img_size}px)")
+        model.train()
+
+    # SIGTERM (cluster pre-emption) behaves like Ctrl-C: checkpoint, then stop.
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    from tqdm.auto import tqdm
+
+    model.train()
+    start_epoch, skip = divmod(step, steps_per_epoch)
+    bar = tqdm(total=last_steps, initial=step, disable=not is_main, desc=f"pretrain {args.mask}", dynamic_ncols=True)
+    last_loss = float("nan")
+    interrupted = False
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            if step >= last_steps:
+                break
+            batches = iter(_epoch_loader(loader, epoch, skip * args.accum_iter))
+            for _ in range(steps_per_epoch - skip):
+                if step >= last_steps:
+                    break
+                t0 = time.perf_counter()
+                masker.progress = step / total_steps  # t / T, the epoch fraction
+                mask_ms, loss_sum = 0.0, 0.0
+                for micro in range(args.accum_iter):
+                    imgs = next(batches).to(device, non_blocking=True)
+                    sync = micro == args.accum_iter - 1 or world == 1
+                    ctx = ddp_model.no_sync() if not sync else torch.enable_grad()
+                    with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        loss, _, _ = ddp_model(imgs, mask_fn=masker)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss is {loss.item()} at step {step} (epoch {epoch}); the step was not taken. "
+                            "Lower the learning rate or resume from the last checkpoint."
+                        )
+                    (loss / args.accum_iter).backward()
+                    mask_ms += masker.last_ms
+                    loss_sum += loss.item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                step += 1
+                last_loss = loss_sum / args.accum_iter
+                step_ms = (time.perf_counter() - t0) * 1e3
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", mask_ms=f"{mask_ms:.1f}")
+                if is_main and (step % args.log_every == 0 or step == last_steps):
+                    log.write({"step": step, "epoch": epoch, "progress": round(step / total_steps, 6),
+                               "loss": last_loss, "lr": scheduler.get_last_lr()[0], "mask_ms": round(mask_ms, 3),
+                               "step_ms": round(step_ms, 3), "images_per_s": round(eff_batch / (step_ms / 1e3), 2)})
+                if step % args.save_every == 0:
+                    checkpoint()
+            skip = 0
+            epoch_done = step % steps_per_epoch == 0
+            if epoch_done and step % args.save_every != 0:
+                checkpoint()
+            if epoch_done and (step // steps_per_epoch) % args.gallery_every == 0:
+                gallery(step // steps_per_epoch)
+    except KeyboardInterrupt:
+        interrupted = True
+        if is_main:
+            print(f"\n[evomask] interrupted at step {step}: writing a checkpoint", flush=True)
+        checkpoint()
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        bar.close()
+        if log is not None:
+            log.close()
+    if not interrupted:
+        if step % args.save_every != 0 and step % steps_per_epoch != 0:
+            checkpoint()
+        gallery(math.ceil(step / steps_per_epoch))
+    summary = {"step": step, "loss": last_loss, "interrupted": interrupted, "output_dir": str(out),
+               "kernels": evomask_ext.kernel_sources()["hier_mask"]}
+    if world > 1:
+        dist.destroy_process_group()
+    if interrupted:
+        raise SystemExit(130)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    summary = train(args)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[evomask] done: {json.dumps(summary)}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing), installs torch and the project's dependencies, and builds and installs
+# evomask from this checkout. Idempotent: rerun it after changing C++/CUDA or Python sources.
+#   PYTHON=python3.11 bash scripts/setup.sh     # choose the interpreter
+#   EVOMASK_CUDA=OFF bash scripts/setup.sh      # force a CPU-only build (AUTO / ON / OFF)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.2"}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+. .venv/bin/activate
+pip install -q --upgrade pip 2>/dev/null || true
+if ! python -c "import torch, torchvision" 2>/dev/null; then
+  echo "[setup] installing $TORCH_SPEC"
+  pip install -q $TORCH_SPEC
+fi
+echo "[setup] installing build and runtime dependencies"
+pip install -q scikit-build-core pybind11 ninja "cmake>=3.26" numpy \
+  pytest scipy scikit-learn fastcluster hypothesis \
+  "timm>=1.0" tqdm tensorboard matplotlib scikit-image pillow
+echo "[setup] building evomask (CMake + scikit-build-core; a few minutes with the CUDA kernels)"
+pip install -q --no-build-isolation --no-deps --force-reinstall .
+python -c "import evomask_ext as e; print('[setup] evomask', e.__version__, 'kernels:', e.kernel_sources())"

@@ -1,0 +1,120 @@
+"""The MAE trainer: every strategy trains, resume is exact, DDP runs, attention maps are right."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evomask_ext
+from evomask_ext.attention import attention_maps
+from evomask_ext.masking import STRATEGIES, build_strategy
+from evomask_ext.reference import masked_count
+from evomask_train.checkpoint import list_checkpoints, load_checkpoint
+from evomask_train.model import build_mae
+from evomask_train.train import StepMasker, build_parser, train
+
+# 32 px images in 8 px patches: N = 16, so a step takes well under a second on a CPU core.
+TINY = ["--model", "tiny", "--img-size", "32", "--patch-size", "8", "--batch-size", "4", "--dataset-length", "32",
+        "--device", "cpu", "--warmup-epochs", "1", "--gallery-images", "2", "--log-every", "1"]
+
+
+def run(tmp: Path, *extra: str) -> dict:
+    return train(build_parser().parse_args([*TINY, "--output-dir", str(tmp), *extra]))
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_two_steps_per_strategy(tmp_path, strategy):
+    """Each strategy trains 2 steps: finite loss, metrics, a checkpoint and a gallery PNG."""
+    summary = run(tmp_path, "--mask", strategy, "--epochs", "2", "--max-steps", "2", "--mask-ratio", "0.6")
+    assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))
+    rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,") and len(rows) == 3
+    assert list_checkpoints(tmp_path)
+    gallery = list((tmp_path / "gallery").glob("*.png"))
+    assert gallery and gallery[0].stat().st_size > 1000
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_step_masker_exact_count(strategy):
+    """The masks the trainer feeds the model have exactly N - int(N (1 - r)) patches per image."""
+    torch.manual_seed(0)
+    model = build_mae("tiny", img_size=48, patch_size=8).eval()
+    masker = StepMasker(build_strategy(strategy, 0.7), attn_layers=3, generator=torch.Generator().manual_seed(1))
+    for progress in (0.0, 0.5, 1.0):
+        masker.progress = progress
+        imgs = torch.randn(3, 3, 48, 48)
+        mask = masker(imgs, model.embed(imgs), model)
+        assert mask.dtype == torch.bool and mask.shape == (3, 36)
+        assert mask.sum(dim=1).tolist() == [masked_count(36, 0.7)] * 3
+
+
+def test_resume_equals_straight_run(tmp_path):
+    """2 steps + resume + 2 steps gives bitwise the weights of 4 straight steps (mid-epoch)."""
+    common = ("--mask", "ehm", "--epochs", "2", "--save-every", "2", "--seed", "3")
+    run(tmp_path / "straight", *common, "--max-steps", "4")
+    run(tmp_path / "split", *common, "--max-steps", "2")
+    run(tmp_path / "split", *common, "--max-steps", "4", "--resume", "auto")
+    straight = load_checkpoint(list_checkpoints(tmp_path / "straight")[0])
+    split = load_checkpoint(list_checkpoints(tmp_path / "split")[0])
+    assert straight["step"] == split["step"] == 4
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    assert torch.equal(straight["rng"][0]["mask"], split["rng"][0]["mask"])
+    lines = (tmp_path / "split" / "metrics.csv").read_text().strip().splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3", "4"]
+
+
+def test_checkpoints_load_weights_only(tmp_path):
+    """Checkpoints hold plain tensors and containers only."""
+    run(tmp_path, "--mask", "random", "--epochs", "1", "--max-steps", "1")
+    path = list_checkpoints(tmp_path)[0]
+    state = torch.load(path, weights_only=True)
+    assert {"model", "optimizer", "scheduler", "step", "rng"} <= state.keys()
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    """torchrun with 2 CPU processes (gloo) trains and rank 0 writes the outputs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "evomask_train.train", *TINY, "--mask", "ehm", "--epochs", "1", "--max-steps", "2",
+           "--output-dir", str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert '"step": 2' in done.stdout
+    state = load_checkpoint(list_checkpoints(tmp_path)[0])
+    assert len(state["rng"]) == 2  # both ranks' mask generators are saved
+    assert not torch.equal(state["rng"][0]["mask"], state["rng"][1]["mask"])
+
+
+def test_attention_maps_match_timm_softmax():
+    """attention_maps equals the probabilities timm's unfused attention computes (captured by a hook)."""
+    torch.manual_seed(0)
+    model = build_mae("tiny", img_size=40, patch_size=8).eval()
+    tokens = model.embed(torch.randn(2, 3, 40, 40))
+    captured = []
+    for block in model.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_hook(lambda mod, inp, out: captured.append(inp[0].detach()))
+    x = tokens
+    with torch.no_grad():
+        for block in model.blocks:
+            x = block(x)
+    layers = 4
+    expected_patch = torch.stack([p.mean(dim=1) for p in captured[:layers]]).mean(dim=0)[:, 1:, 1:]
+    expected_cls = captured[-1].mean(dim=1)[:, 0, 1:]
+    maps = attention_maps(model.blocks, tokens, patch_layers=layers, cls_from_last=True)
+    torch.testing.assert_close(maps.patch, expected_patch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(maps.cls, expected_cls, rtol=1e-5, atol=1e-6)
+    # and the EHM mask of the trainer's similarity is the op's mask on it
+    mask = evomask_ext.hier_mask(maps.patch, 0.75, 0.5, noise=torch.rand(2, 25))
+    assert mask.sum(1).tolist() == [masked_count(25, 0.75)] * 2
+
+
+def test_bad_attn_layers_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="attn-layers"):
+        run(tmp_path, "--attn-layers", "13", "--max-steps", "1")
