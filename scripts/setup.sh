@@ -24,4 +24,4 @@ pip install -q scikit-build-core pybind11 ninja "cmake>=3.26" numpy \
   "timm>=1.0" tqdm tensorboard matplotlib scikit-image pillow
 echo "[setup] building evomask (CMake + scikit-build-core; a few minutes with the CUDA kernels)"
 pip install -q --no-build-isolation --no-deps --force-reinstall .
-python -c "import evomask_ext as e; print('[setup] evomask', e.__version__, 'kernels:', e.kernel_sources())"
+python -P -c "import evomask_ext as e; print('[setup] evomask', e.__version__, 'kernels:', e.kernel_sources())"
