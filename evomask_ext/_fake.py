@@ -28,6 +28,10 @@ def _linkage_tree_fake(sim):
 @torch.library.register_fake("evomask::hier_mask")
 def _hier_mask_fake(attn, noise, mask_ratio, progress):
     b, n = _check_similarity(attn, "attn")
+    torch._check(
+        noise.device == attn.device,
+        lambda: f"noise must be on the same device as attn ({attn.device}), got {noise.device}",
+    )
     torch._check(noise.shape == (b, n), lambda: f"noise must have shape [B, N] = [{b}, {n}]")
     return attn.new_empty((b, n), dtype=torch.bool)
 

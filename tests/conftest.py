@@ -1,0 +1,225 @@
+"""Shared fixtures and independent oracles for the evomask tests.
+
+Run from the repository root with ``pytest -q tests`` against the *installed* package (``python -m
+pytest`` would put the repository root on ``sys.path`` and import the unbuilt source tree).
+
+Randomness: every test that needs random inputs takes the ``gen`` fixture, a ``torch.Generator``
+seeded from the test's node id (plus ``EVOMASK_TEST_SEED``, default 0), so each test draws its own
+inputs, reproducibly. Set ``EVOMASK_TEST_SEED`` to another integer to run on fresh inputs.
+
+The helpers below re-derive everything the tests check (leaf sets, levels, sizes, depth-h groups,
+the EHM selection rule, MAE's random masking) from the op contracts in DESIGN.md, without reusing
+any code of the package.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from scipy.cluster.hierarchy import linkage
+from scipy.spatial.distance import squareform
+
+import evomask_ext  # noqa: F401  (registers torch.ops.evomask.*)
+
+BASE_SEED = int(os.environ.get("EVOMASK_TEST_SEED", "0"))
+
+HAS_CUDA = torch.cuda.is_available()
+
+#: Device parametrization: the CUDA case is marked ``cuda`` and skipped without a GPU.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")],
+    ),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A seed of its own for every test (and every parametrization of it)."""
+    return (zlib.crc32(request.node.nodeid.encode()) + BASE_SEED) % (2**31)
+
+
+@pytest.fixture
+def gen(seed) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded per test; draw every random input from it."""
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """``"cpu"``, and ``"cuda"`` where a GPU is present."""
+    return request.param
+
+
+# --------------------------------------------------------------------------------------------
+# Random inputs
+# --------------------------------------------------------------------------------------------
+
+
+def iid_similarity(batch: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """i.i.d. uniform [0, 1) float32 similarities, not symmetric."""
+    return torch.rand(batch, n, n, generator=gen)
+
+
+def points_similarity(batch: int, n: int, gen: torch.Generator, clusters: int = 12, dim: int = 3) -> torch.Tensor:
+    """Planted structure: ``-distance`` between points drawn around a few cluster centres.
+
+    Well-separated merge heights (no near-ties between competing merges), so float32 and
+    scipy's float64 agglomeration must build the same tree even at N = 1024. A small
+    asymmetric jitter makes the op's symmetrization matter.
+    """
+    centres = torch.randn(batch, clusters, dim, generator=gen) * 4.0
+    label = torch.randint(0, clusters, (batch, n), generator=gen)
+    points = torch.gather(centres, 1, label[..., None].expand(batch, n, dim))
+    points = points + torch.randn(batch, n, dim, generator=gen)
+    sim = -torch.cdist(points.double(), points.double()).float()
+    return sim + 0.01 * torch.rand(batch, n, n, generator=gen)
+
+
+def block_similarity(batch: int, n: int, gen: torch.Generator, blocks: int = 6) -> torch.Tensor:
+    """Planted structure: attention-like blocks (high within a block) plus uniform noise."""
+    label = torch.randint(0, blocks, (batch, n), generator=gen)
+    same = (label[:, :, None] == label[:, None, :]).float()
+    return 0.5 * same + 0.5 * torch.rand(batch, n, n, generator=gen)
+
+
+def distinct_noise(batch: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Noise in (0, 1) whose values are distinct within each row (a scaled random permutation),
+    so "the patches with the largest noise" is unambiguous."""
+    perm = torch.argsort(torch.rand(batch, n, generator=gen), dim=1)
+    return (perm.float() + 0.5) / n
+
+
+# --------------------------------------------------------------------------------------------
+# Tree oracles
+# --------------------------------------------------------------------------------------------
+
+
+def symmetrize32(sim: torch.Tensor) -> torch.Tensor:
+    """The op's symmetrization, ``(S + S^T) * 0.5`` in float32, for one [N, N] matrix."""
+    s = sim.to(torch.float32)
+    return (s + s.T) * 0.5
+
+
+def leaf_sets(children, n: int) -> list[frozenset]:
+    """The leaf set of every internal node, in row order (row k -> node n + k)."""
+    sets = [frozenset([i]) for i in range(n)]
+    for a, b in np.asarray(children, dtype=np.int64).tolist():
+        sets.append(sets[a] | sets[b])
+    return sets[n:]
+
+
+def scipy_tree(sim: torch.Tensor) -> tuple[list[frozenset], np.ndarray]:
+    """scipy's average linkage of one [N, N] similarity: (leaf set per merge, merge heights as
+    similarities). Distances are ``c - S_sym`` with ``c = max(S_sym)`` in float64, so heights
+    convert back as ``c - distance``."""
+    s = symmetrize32(sim).double().numpy()
+    n = s.shape[0]
+    c = float(s.max())
+    dist = c - s
+    np.fill_diagonal(dist, 0.0)
+    z = linkage(squareform(dist, checks=False), method="average")
+    return leaf_sets(z[:, :2].astype(np.int64), n), c - z[:, 2]
+
+
+def recompute_levels(children, n: int) -> list[int]:
+    """EHM Eq. 10 from the children alone: leaves 1, parent max(children) + 1."""
+    level = [1] * n
+    for a, b in np.asarray(children, dtype=np.int64).tolist():
+        level.append(max(level[a], level[b]) + 1)
+    return level[n:]
+
+
+def recompute_sizes(children, n: int) -> list[int]:
+    """Number of leaves under each internal node, from the children alone."""
+    size = [1] * n
+    for a, b in np.asarray(children, dtype=np.int64).tolist():
+        size.append(size[a] + size[b])
+    return size[n:]
+
+
+def left_to_right_leaves(children, n: int, node: int | None = None) -> list[int]:
+    """Leaves under ``node`` (default: the root) depth-first, smaller child id first."""
+    kids = np.asarray(children, dtype=np.int64).tolist()
+    out, stack = [], [2 * n - 2 if node is None else node]
+    while stack:
+        v = stack.pop()
+        if v < n:
+            out.append(v)
+        else:
+            a, b = sorted(kids[v - n])
+            stack += [b, a]  # a is popped first
+    return out
+
+
+def depth_groups(children, n: int, depth: int) -> list[int]:
+    """For every leaf, its group at ``depth``: the highest ancestor (or itself) of level <= depth.
+
+    Levels only grow towards the root, so the ancestors of level <= depth form a prefix of the
+    leaf's path up; this walks it, independently of how the package cuts the tree."""
+    kids = np.asarray(children, dtype=np.int64).tolist()
+    level = [1] * n + recompute_levels(kids, n)
+    parent = [-1] * (2 * n - 1)
+    for k, (a, b) in enumerate(kids):
+        parent[a] = parent[b] = n + k
+    group = []
+    for leaf in range(n):
+        v = leaf
+        while parent[v] >= 0 and level[parent[v]] <= depth:
+            v = parent[v]
+        group.append(v)
+    return group
+
+
+def masked_count(n: int, mask_ratio: float) -> int:
+    """MAE: ``len_keep = int(L * (1 - mask_ratio))``; the rest is masked."""
+    return n - int(n * (1 - mask_ratio))
+
+
+def mask_depth(children, n: int, progress: float) -> int:
+    """``h = min(l, 1 + floor(l * progress))`` with ``l`` the root's level."""
+    tree_height = recompute_levels(children, n)[-1]
+    return min(tree_height, 1 + int(np.floor(tree_height * progress)))
+
+
+def expected_hier_mask(children, noise, mask_ratio: float, progress: float) -> np.ndarray:
+    """The EHM selection rule of DESIGN.md for one image, written from the contract.
+
+    Groups are ordered by decreasing key (noise at the smallest leaf; ties: smaller smallest
+    leaf first); their leaves, each group in the root's left-to-right order, are concatenated and
+    the first ``masked_count`` are masked."""
+    noise = np.asarray(noise, dtype=np.float32)
+    n = noise.shape[0]
+    group = depth_groups(children, n, mask_depth(children, n, progress))
+    order = left_to_right_leaves(children, n)
+    members: dict[int, list[int]] = {}
+    for leaf in order:  # each group's leaves keep the root's left-to-right order
+        members.setdefault(group[leaf], []).append(leaf)
+    ranked = sorted(members.values(), key=lambda leaves: (-float(noise[min(leaves)]), min(leaves)))
+    chosen = [leaf for leaves in ranked for leaf in leaves][: masked_count(n, mask_ratio)]
+    mask = np.zeros(n, dtype=bool)
+    mask[chosen] = True
+    return mask
+
+
+def mae_random_masking(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """MAE's ``random_masking`` mask (facebookresearch/mae): sort noise ascending, keep the first
+    ``int(L * (1 - mask_ratio))``, mask the rest. Returns bool [B, L], True = masked."""
+    batch, length = noise.shape
+    len_keep = int(length * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(batch, length)
+    mask[:, :len_keep] = 0
+    return torch.gather(mask, 1, ids_restore).bool()

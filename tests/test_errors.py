@@ -1,0 +1,268 @@
+"""Bad input: every entry point (the op, the reference, the Python wrapper) rejects it with a
+clear error naming the offending argument, instead of computing garbage."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+import evomask_ext
+from evomask_ext import reference
+
+B, N = 3, 7
+
+
+def nan_at(x: torch.Tensor, value: float) -> torch.Tensor:
+    x = x.clone()
+    x.view(-1)[x.numel() // 2] = value
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Similarity / attention tensors (linkage_tree's `sim`, hier_mask's `attn`)
+# --------------------------------------------------------------------------------------------
+
+# id -> (builder(gen), regex after the argument's name)
+BAD_SIMILARITY: dict[str, tuple[Callable[[torch.Generator], torch.Tensor], str]] = {
+    "rank-2": (lambda g: torch.rand(N, N, generator=g), r"must be a \[B, N, N\] tensor"),
+    "rank-4": (lambda g: torch.rand(1, B, N, N, generator=g), r"must be a \[B, N, N\] tensor"),
+    "rank-1": (lambda g: torch.rand(N, generator=g), r"must be a \[B, N, N\] tensor"),
+    "non-square": (lambda g: torch.rand(B, N, N - 1, generator=g), r"must be square"),
+    "N=1": (lambda g: torch.rand(B, 1, 1, generator=g), r"needs at least N = 2"),
+    "N=0": (lambda g: torch.rand(B, 0, 0, generator=g), r"needs at least N = 2"),
+    "NaN": (lambda g: nan_at(torch.rand(B, N, N, generator=g), math.nan), r"contains NaN or Inf"),
+    "+Inf": (lambda g: nan_at(torch.rand(B, N, N, generator=g), math.inf), r"contains NaN or Inf"),
+    "-Inf-diagonal": (
+        lambda g: torch.rand(B, N, N, generator=g).diagonal_scatter(torch.full((B, N), -math.inf), dim1=1, dim2=2),
+        r"contains NaN or Inf",
+    ),
+    "fp64-overflows-fp32": (
+        lambda g: nan_at(torch.rand(B, N, N, generator=g, dtype=torch.float64), 1e300),
+        r"contains NaN or Inf",
+    ),
+    "int64": (lambda g: torch.randint(0, 5, (B, N, N), generator=g), r"must be a floating-point tensor"),
+    "bool": (lambda g: torch.rand(B, N, N, generator=g) > 0.5, r"must be a floating-point tensor"),
+}
+
+
+def linkage_op(sim):
+    return torch.ops.evomask.linkage_tree(sim)
+
+
+LINKAGE_TARGETS = {
+    "op": linkage_op,
+    "reference": reference.linkage_tree,
+    "wrapper": evomask_ext.linkage_tree,
+}
+
+
+@pytest.mark.parametrize("target", sorted(LINKAGE_TARGETS))
+@pytest.mark.parametrize("case", sorted(BAD_SIMILARITY))
+def test_linkage_tree_rejects_bad_sim(target, case, gen):
+    """linkage_tree: wrong rank, non-square, N < 2, non-finite, non-float -> RuntimeError naming sim."""
+    build, message = BAD_SIMILARITY[case]
+    with pytest.raises(RuntimeError, match=r"^sim " + message):
+        LINKAGE_TARGETS[target](build(gen))
+
+
+def hier_op(attn, noise, mask_ratio, progress):
+    return torch.ops.evomask.hier_mask(attn, noise, mask_ratio, progress)
+
+
+def hier_wrapper(attn, noise, mask_ratio, progress):
+    return evomask_ext.hier_mask(attn, mask_ratio, progress, noise=noise)
+
+
+def hier_wrapper_drawn(attn, noise, mask_ratio, progress):
+    """The wrapper drawing its own noise (noise argument ignored)."""
+    return evomask_ext.hier_mask(attn, mask_ratio, progress, generator=torch.Generator().manual_seed(0))
+
+
+HIER_TARGETS = {
+    "op": hier_op,
+    "reference": reference.hier_mask,
+    "wrapper": hier_wrapper,
+}
+
+
+@pytest.mark.parametrize("target", sorted(HIER_TARGETS) + ["wrapper-drawn-noise"])
+@pytest.mark.parametrize("case", sorted(BAD_SIMILARITY))
+def test_hier_mask_rejects_bad_attn(target, case, gen):
+    """hier_mask: the same attn errors, naming attn. The wrapper drawing its own noise checks the
+    rank itself (ValueError); everything else is the op's RuntimeError."""
+    build, message = BAD_SIMILARITY[case]
+    attn = build(gen)
+    noise = torch.rand(B, N, generator=gen)
+    fn = hier_wrapper_drawn if target == "wrapper-drawn-noise" else HIER_TARGETS[target]
+    expected = RuntimeError
+    if target == "wrapper-drawn-noise" and case.startswith("rank"):
+        expected = ValueError
+    with pytest.raises(expected, match=r"^attn " + message):
+        fn(attn, noise, 0.75, 0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# hier_mask's noise, mask_ratio and progress
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One bad hier_mask call: overrides of a valid (attn, noise, mask_ratio, progress)."""
+
+    match: str
+    noise: Callable[[torch.Generator], Any] | None = None
+    mask_ratio: Any = 0.75
+    progress: Any = 0.5
+    wrapper_error: type[Exception] = RuntimeError  # what evomask_ext.hier_mask raises
+    marks: list = field(default_factory=list)
+
+
+CUDA_ONLY = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+RATIO_MESSAGE = r"^mask_ratio must be in the open interval \(0, 1\)"
+PROGRESS_MESSAGE = r"^progress .*must be in \[0, 1\]"
+BAD_RATIOS = [0.0, 1.0, -0.1, 1.5, math.nan, math.inf]
+BAD_PROGRESS = [-0.1, 1.1, math.nan, -math.inf]
+
+BAD_HIER_ARGS: dict[str, Case] = {
+    "noise-too-short": Case(r"^noise must have shape \[B, N\]", noise=lambda g: torch.rand(B, N - 1, generator=g)),
+    "noise-too-many-rows": Case(r"^noise must have shape \[B, N\]", noise=lambda g: torch.rand(B + 1, N, generator=g)),
+    "noise-1d": Case(r"^noise must have shape \[B, N\]", noise=lambda g: torch.rand(N, generator=g)),
+    "noise-3d": Case(r"^noise must have shape \[B, N\]", noise=lambda g: torch.rand(B, N, 1, generator=g)),
+    "noise-transposed-shape": Case(r"^noise must have shape \[B, N\]", noise=lambda g: torch.rand(N, B, generator=g)),
+    "noise-int64": Case(r"^noise must be a floating-point", noise=lambda g: torch.randint(0, 9, (B, N), generator=g)),
+    "noise-bool": Case(r"^noise must be a floating-point", noise=lambda g: torch.rand(B, N, generator=g) > 0.5),
+    "noise-NaN": Case(r"^noise contains NaN or Inf", noise=lambda g: nan_at(torch.rand(B, N, generator=g), math.nan)),
+    "noise-Inf": Case(r"^noise contains NaN or Inf", noise=lambda g: nan_at(torch.rand(B, N, generator=g), math.inf)),
+    "noise-fp64-overflows-fp32": Case(
+        r"^noise contains NaN or Inf",
+        noise=lambda g: nan_at(torch.rand(B, N, generator=g, dtype=torch.float64), -1e300),
+    ),
+    # No second device here: the meta device stands in for "another device than attn's".
+    "noise-on-meta-device": Case(r"^noise must be on the same device", noise=lambda g: torch.rand(B, N, device="meta")),
+    "noise-on-cuda-attn-on-cpu": Case(
+        r"^noise must be on the same device", noise=lambda g: torch.rand(B, N, device="cuda"), marks=CUDA_ONLY
+    ),
+    **{f"mask_ratio-{v}": Case(RATIO_MESSAGE, mask_ratio=v, wrapper_error=ValueError) for v in BAD_RATIOS},
+    **{f"progress-{v}": Case(PROGRESS_MESSAGE, progress=v, wrapper_error=ValueError) for v in BAD_PROGRESS},
+}
+
+
+@pytest.mark.parametrize("target", sorted(HIER_TARGETS))
+@pytest.mark.parametrize("case", [pytest.param(k, marks=v.marks, id=k) for k, v in sorted(BAD_HIER_ARGS.items())])
+def test_hier_mask_rejects_bad_args(target, case, gen):
+    """hier_mask: bad noise (shape, dtype, values, device), mask_ratio outside (0, 1) and progress
+    outside [0, 1] raise an error naming the argument (ValueError from the wrapper's own scalar
+    checks, RuntimeError otherwise)."""
+    spec = BAD_HIER_ARGS[case]
+    attn = torch.rand(B, N, N, generator=gen)
+    noise = spec.noise(gen) if spec.noise else torch.rand(B, N, generator=gen)
+    expected = spec.wrapper_error if target == "wrapper" else RuntimeError
+    with pytest.raises(expected, match=spec.match):
+        HIER_TARGETS[target](attn, noise, spec.mask_ratio, spec.progress)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("target", sorted(HIER_TARGETS))
+def test_hier_mask_rejects_cpu_noise_for_cuda_attn(target, gen):
+    """CUDA attn with CPU noise: an error naming noise, not a kernel reading host memory."""
+    attn = torch.rand(B, N, N, generator=gen).cuda()
+    with pytest.raises(RuntimeError, match=r"^noise must be on the same device"):
+        HIER_TARGETS[target](attn, torch.rand(B, N, generator=gen), 0.75, 0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Wrong Python types in the wrappers
+# --------------------------------------------------------------------------------------------
+
+WRONG_TYPES = {
+    "attn-list": (dict(attn=[[[0.0, 1.0], [1.0, 0.0]]]), r"^attn must be a torch\.Tensor"),
+    "attn-ndarray": (dict(attn=np.zeros((1, 2, 2), dtype=np.float32)), r"^attn must be a torch\.Tensor"),
+    "noise-list": (dict(noise=[[0.1] * N] * B), r"^noise must be a torch\.Tensor"),
+    "noise-ndarray": (dict(noise=np.zeros((B, N), dtype=np.float32)), r"^noise must be a torch\.Tensor"),
+    "mask_ratio-str": (dict(mask_ratio="0.75"), r"^mask_ratio must be a float"),
+    "mask_ratio-None": (dict(mask_ratio=None), r"^mask_ratio must be a float"),
+    "mask_ratio-bool": (dict(mask_ratio=True), r"^mask_ratio must be a float"),
+    "mask_ratio-tensor": (dict(mask_ratio=torch.tensor(0.5)), r"^mask_ratio must be a float"),
+    "progress-str": (dict(progress="0.5"), r"^progress must be a float"),
+    "progress-bool": (dict(progress=False), r"^progress must be a float"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_TYPES))
+def test_hier_mask_wrapper_type_errors(case, gen):
+    """evomask_ext.hier_mask raises TypeError naming the argument for non-tensor / non-float input."""
+    overrides, message = WRONG_TYPES[case]
+    kwargs = dict(
+        attn=torch.rand(B, N, N, generator=gen), mask_ratio=0.75, progress=0.5, noise=torch.rand(B, N, generator=gen)
+    )
+    kwargs.update(overrides)
+    with pytest.raises(TypeError, match=message):
+        evomask_ext.hier_mask(**kwargs)
+
+
+def test_linkage_tree_wrapper_type_error():
+    """evomask_ext.linkage_tree rejects a non-tensor with TypeError."""
+    with pytest.raises(TypeError, match=r"must be a torch\.Tensor"):
+        evomask_ext.linkage_tree([[[0.0, 1.0], [1.0, 0.0]]])
+
+
+def test_op_rejects_wrong_scalar_type(gen):
+    """The op's schema itself rejects a string mask_ratio (RuntimeError naming mask_ratio)."""
+    with pytest.raises(RuntimeError, match="mask_ratio"):
+        hier_op(torch.rand(B, N, N, generator=gen), torch.rand(B, N, generator=gen), "0.75", 0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# gmm_em (reference kernels only so far): a few argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def gmm_inputs(gen, n=12, d=3, k=2):
+    x = torch.randn(B, n, d, generator=gen)
+    return x, x[:, :k].clone()
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(num_iters=-1), ValueError, r"^num_iters"),
+        (dict(num_iters=2.5), ValueError, r"^num_iters"),
+        (dict(num_iters=True), ValueError, r"^num_iters"),
+        (dict(reg_covar=0.0), ValueError, r"^reg_covar"),
+        (dict(reg_covar=-1e-6), ValueError, r"^reg_covar"),
+        (dict(reg_covar=math.nan), ValueError, r"^reg_covar"),
+    ],
+    ids=["iters-negative", "iters-float", "iters-bool", "reg-zero", "reg-negative", "reg-NaN"],
+)
+def test_gmm_em_wrapper_rejects_bad_scalars(kwargs, error, match, gen):
+    """evomask_ext.gmm_em validates num_iters and reg_covar."""
+    x, means = gmm_inputs(gen)
+    with pytest.raises(error, match=match):
+        evomask_ext.gmm_em(x, means, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda x, m: (x[0], m), r"^x must be a \[B, N, D\]"),
+        (lambda x, m: (x, m[..., :-1]), r"^init_means must be \[B, K, D\]"),
+        (lambda x, m: (x, m[:1]), r"^init_means must be \[B, K, D\]"),
+        (lambda x, m: (nan_at(x, math.nan), m), r"^x contains NaN or Inf"),
+        (lambda x, m: (x, nan_at(m, math.inf)), r"^init_means contains NaN or Inf"),
+        (lambda x, m: (x, m[:, :0]), r"^init_means needs at least K = 1"),
+    ],
+    ids=["x-rank-2", "means-wrong-D", "means-wrong-B", "x-NaN", "means-Inf", "K=0"],
+)
+def test_gmm_em_op_rejects_bad_tensors(make, match, gen):
+    """torch.ops.evomask.gmm_em rejects malformed x / init_means with a message naming them."""
+    args = make(*gmm_inputs(gen))
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.evomask.gmm_em(*args, 3, 1e-6)
