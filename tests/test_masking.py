@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import mae_random_masking
 
 import evomask_ext
 from evomask_ext import masking
@@ -149,17 +150,6 @@ def test_global_rng_when_no_generator(name):
 # --------------------------------------------------------------------------------------------
 # random
 # --------------------------------------------------------------------------------------------
-
-
-def mae_random_masking(noise: torch.Tensor, ratio: float) -> torch.Tensor:
-    """MAE's models_mae.random_masking, mask part only (1 = removed)."""
-    batch, n = noise.shape
-    len_keep = int(n * (1 - ratio))
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = torch.ones(batch, n)
-    mask[:, :len_keep] = 0
-    return torch.gather(mask, 1, ids_restore).bool()
 
 
 @pytest.mark.parametrize("ratio", RATIOS)
