@@ -4,7 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
+#include <utility>
 
 namespace evomask {
 
@@ -45,6 +47,34 @@ inline at::Tensor check_hier_mask_args(const at::Tensor& attn, const at::Tensor&
   TORCH_CHECK(n.numel() == 0 || at::isfinite(n).all().item<bool>(),
               "noise contains NaN or Inf values (after conversion to float32)");
   return n;
+}
+
+// Validates gmm_em's arguments (x [B, N, D], init_means [B, K, D]); returns both as contiguous
+// float32. Non-finite values are rejected here so that no kernel ever sees them.
+inline std::pair<at::Tensor, at::Tensor> check_gmm_em_args(const at::Tensor& x, const at::Tensor& init_means,
+                                                           int64_t num_iters, double reg_covar) {
+  TORCH_CHECK(x.dim() == 3, "x must be a [B, N, D] tensor, got shape ", x.sizes());
+  TORCH_CHECK(init_means.dim() == 3 && init_means.size(0) == x.size(0) && init_means.size(2) == x.size(2),
+              "init_means must be [B, K, D] = [", x.size(0), ", K, ", x.size(2), "], got shape ",
+              init_means.sizes());
+  TORCH_CHECK(init_means.size(1) >= 1, "init_means needs at least K = 1 component");
+  TORCH_CHECK(x.size(1) >= 1, "x needs at least N = 1 point");
+  TORCH_CHECK(x.size(2) >= 1, "x needs at least D = 1 dimension");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && at::isFloatingType(init_means.scalar_type()),
+              "x and init_means must be floating-point, got ", x.scalar_type(), " and ",
+              init_means.scalar_type());
+  TORCH_CHECK(init_means.device() == x.device(), "init_means must be on x's device (", x.device(), "), got ",
+              init_means.device());
+  TORCH_CHECK(num_iters >= 0, "num_iters must be >= 0, got ", num_iters);
+  TORCH_CHECK(reg_covar > 0.0 && std::isfinite(reg_covar), "reg_covar must be a finite value > 0, got ",
+              reg_covar);
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor mf = init_means.to(at::kFloat).contiguous();
+  TORCH_CHECK(xf.numel() == 0 || at::isfinite(xf).all().item<bool>(),
+              "x contains NaN or Inf values (after conversion to float32)");
+  TORCH_CHECK(mf.numel() == 0 || at::isfinite(mf).all().item<bool>(),
+              "init_means contains NaN or Inf values (after conversion to float32)");
+  return {xf, mf};
 }
 
 }  // namespace evomask

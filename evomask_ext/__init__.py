@@ -11,6 +11,7 @@ from . import _fake  # noqa: F401  (registers the fake kernels)
 from .ops import GaussianMixture, LinkageTree, draw_noise, gmm_em, group_labels, hier_mask, linkage_tree
 
 from . import masking, selective  # noqa: E402,F401  (registers the strategies)
+from .epm import num_parts_schedule, part_mask  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,7 @@ __all__ = [
     "kernel_sources",
     "hier_mask",
     "linkage_tree",
+    "num_parts_schedule",
+    "part_mask",
     "reference",
 ]

@@ -1,4 +1,4 @@
-"""Masking strategies for masked image modeling: MAE random, BEiT block, EPM grid, AttMask, EHM.
+"""Masking strategies for masked image modeling: MAE random, BEiT block, EPM grid, AttMask, EHM, EPM.
 
 Every strategy follows one contract (README.md):
 
@@ -39,6 +39,7 @@ __all__ = [
     "GridMask",
     "AttnMask",
     "EHMMask",
+    "EPMMask",
     "STRATEGIES",
     "register_strategy",
     "build_strategy",
@@ -515,3 +516,40 @@ class EHMMask(MaskStrategy):
         attn = _context_tensor(ctx, "attn", (ctx.batch_size, n, n), self.name).to(ctx.device)
         return hier_mask(attn, self.mask_ratio, progress, generator=ctx.generator).to(ctx.device)
 
+
+
+@register_strategy
+class EPMMask(MaskStrategy):
+    """Evolved Part Masking (Feng & Zhang, CVPR 2023) via :func:`evomask_ext.epm.part_mask` on
+    ``ctx.attn`` ``[B, N, N]``: grid masks early, whole attention parts late
+    (``alpha = progress ** gamma``), K parts from the 40 -> 10 schedule unless ``num_parts`` is given.
+    """
+
+    name = "epm"
+    needs = frozenset({"attn"})
+
+    def __init__(self, mask_ratio: float, num_parts: int | None = None, gamma: float = 2.0, em_iters: int = 10) -> None:
+        super().__init__(mask_ratio)
+        if num_parts is not None:
+            num_parts = _positive_int(num_parts, "num_parts")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < float(gamma) < math.inf:
+            raise ValueError(f"gamma must be a finite float > 0, got {gamma!r}")
+        self.num_parts = num_parts
+        self.gamma = float(gamma)
+        self.em_iters = _positive_int(em_iters, "em_iters", minimum=0)
+
+    def _mask(self, ctx: MaskContext, progress: float) -> torch.Tensor:
+        from .epm import part_mask
+
+        n = ctx.num_patches
+        attn = _context_tensor(ctx, "attn", (ctx.batch_size, n, n), self.name).to(ctx.device)
+        return part_mask(
+            attn, self.mask_ratio, progress, num_parts=self.num_parts, gamma=self.gamma, em_iters=self.em_iters,
+            generator=ctx.generator, grid=ctx.grid,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"EPMMask(mask_ratio={self.mask_ratio}, num_parts={self.num_parts}, gamma={self.gamma}, "
+            f"em_iters={self.em_iters})"
+        )

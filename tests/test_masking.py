@@ -20,7 +20,7 @@ from evomask_ext.masking import (
     top_k_mask,
 )
 
-NAMES = ("random", "block", "grid", "attn", "ehm")
+NAMES = ("random", "block", "grid", "attn", "ehm", "epm")
 GRIDS = ((2, 2), (3, 5), (7, 7), (14, 14))
 RATIOS = (0.1, 0.5, 0.75, 0.9)
 SEEDED = ("random", "block", "grid")  # strategies whose mask depends on the seed alone

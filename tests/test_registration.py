@@ -20,7 +20,7 @@ from conftest import block_similarity, distinct_noise, leaf_sets, mae_random_mas
 
 OPS = sorted(_schemas.SCHEMAS)
 BACKENDS = ("CPU", "CUDA")
-COMPILED_OPS = ("linkage_tree", "hier_mask")  # ops with compiled CPU and CUDA kernels
+COMPILED_OPS = ("linkage_tree", "hier_mask", "gmm_em")  # ops with compiled CPU and CUDA kernels
 
 
 def op_packet(name: str):
@@ -68,7 +68,7 @@ def test_every_op_has_a_kernel_per_backend(op, backend):
 
 @pytest.mark.parametrize("op", COMPILED_OPS)
 def test_compiled_cpu_kernels(op):
-    """When the library is compiled, linkage_tree and hier_mask run compiled CPU kernels, not
+    """When the library is compiled, every op runs its compiled CPU kernel, not
     the reference."""
     if not evomask_ext.COMPILED:
         pytest.skip("compiled library not loaded")

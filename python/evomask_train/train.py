@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="selective: S schedule steps; step 0 masks at random, later ones by a frozen snapshot's errors")
     g.add_argument("--selective-probes", type=int, default=5,
                    help="selective: R random-mask passes of the snapshot per batch (R extra forwards)")
+    g.add_argument("--num-parts", type=int, default=None,
+                   help="epm: a fixed number of parts K (default: EPM's schedule, 40 falling to 10)")
+    g.add_argument("--gamma", type=float, default=2.0,
+                   help="epm: alpha = (t / T) ** gamma blends the grid pattern into whole parts")
+    g.add_argument("--em-iters", type=int, default=10, help="epm: Gaussian-mixture EM iterations per batch")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=400, help="training epochs")
     g.add_argument("--max-steps", type=int, default=None,
@@ -271,7 +276,10 @@ def train(args: argparse.Namespace) -> dict:
     )
     use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
 
-    options = {"steps": args.selective_steps, "probes": args.selective_probes} if args.mask == "selective" else {}
+    options = {
+        "selective": {"steps": args.selective_steps, "probes": args.selective_probes},
+        "epm": {"num_parts": args.num_parts, "gamma": args.gamma, "em_iters": args.em_iters},
+    }.get(args.mask, {})
     strategy = build_strategy(args.mask, args.mask_ratio, **options)
     mask_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + 17 + rank)
     masker = StepMasker(strategy, attn_layers, mask_gen)

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# On a GPU machine: build the extension from source, run the test suite with the CUDA kernels
+# required, run the CUDA kernels under compute-sanitizer, then the benchmark suite.
+# Results land in $OUT (the device tool's folder) or bench/results/gpu-<date>.
+#
+#   bash scripts/gpu_run.sh [steps...]     steps: build tests sanitize bench profile (default: all)
+#
+# Uses the machine's python3 and its torch (no network there). Extra wheels (fastcluster) are
+# installed from .whl/ when that folder exists.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu-$(date +%F)}
+# The device tool returns at most 8 files: logs go to LOGS and come back as one archive.
+LOGS=$(mktemp -d)
+mkdir -p "$OUT"
+trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" .' EXIT
+export PYTHONUNBUFFERED=1
+STEPS=${*:-build tests sanitize bench profile}
+PY=python3
+status=0
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  nvcc --version | tail -1
+} 2>&1 | tee "$OUT/device.txt" "$LOGS/device.txt"
+
+if [[ " $STEPS " == *" build "* ]]; then
+  start=$(date +%s)
+  cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v $PY)" \
+    -DEVOMASK_CUDA=ON -DTORCH_CUDA_ARCH_LIST=9.0 >"$LOGS/build.log" 2>&1 \
+    && cmake --build build/gpu -j "$(nproc)" >>"$LOGS/build.log" 2>&1 \
+    && cp build/gpu/libevomask_ops.so evomask_ext/ \
+    || { echo "BUILD FAILED"; tail -40 "$LOGS/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - start )) s"
+  $PY -c "import evomask_ext, json; print(json.dumps(evomask_ext._loader.kernel_sources()))"
+fi
+
+if [[ " $STEPS " == *" diag "* ]]; then
+  # How a failing op check surfaces on this machine's torch (a segfault was seen here once).
+  $PY bench/diag_errors.py 2>&1 | tee "$LOGS/diag.log"
+  if ! $PY bench/diag_errors.py >/dev/null 2>&1 && command -v cuda-gdb >/dev/null; then
+    timeout 120 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY -c \
+      "import torch, evomask_ext; torch.ops.evomask.linkage_tree(torch.rand(4, 4))" >"$LOGS/gdb.log" 2>&1
+    grep -E "^#|signal" "$LOGS/gdb.log" | head -40
+    ldd evomask_ext/libevomask_ops.so | grep -E "stdc|gcc" ; g++ --version | head -1; ls /usr/bin/g++* 2>/dev/null
+  fi
+fi
+
+if [[ " $STEPS " == *" tests "* ]]; then
+  EVOMASK_REQUIRE_COMPILED=1 EVOMASK_EXPECT_CUDA_KERNELS=1 \
+    timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 120 \
+      ${PYTEST_MARK:+-m "$PYTEST_MARK"} ${PYTEST_K:+-k "$PYTEST_K"} tests >"$LOGS/pytest.log" 2>&1
+  rc=$?; tail -15 "$LOGS/pytest.log"; echo "pytest rc=$rc"; [ $rc -eq 0 ] || status=1
+fi
+
+if [[ " $STEPS " == *" bench "* ]]; then
+  $PY bench/bench_ops.py ${BENCH_ARGS:-} --out "$OUT/ops" >"$LOGS/bench.log" 2>&1
+  rc=$?; sed -n '/^op /,$p' "$LOGS/bench.log" | grep -v "^  "; echo "bench rc=$rc"; [ $rc -eq 0 ] || status=1
+fi
+
+if [[ " $STEPS " == *" sanitize "* ]]; then
+  for tool in memcheck racecheck initcheck synccheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 9 \
+      $PY bench/cuda_smoke.py >"$LOGS/sanitizer-$tool.log" 2>&1
+    rc=$?; echo "compute-sanitizer $tool rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOGS/sanitizer-$tool.log" | tail -1)"
+    [ $rc -eq 0 ] || { status=1; tail -30 "$LOGS/sanitizer-$tool.log"; }
+  done
+fi
+
+if [[ " $STEPS " == *" profile "* ]] && [ -f bench/profile_step.py ]; then
+  $PY bench/profile_step.py ${PROFILE_ARGS:-} --out "$OUT/profile" >"$LOGS/profile.log" 2>&1
+  rc=$?; tail -20 "$LOGS/profile.log"; echo "profile rc=$rc"; [ $rc -eq 0 ] || status=1
+fi
+exit $status
