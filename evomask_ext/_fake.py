@@ -38,8 +38,16 @@ def _hier_mask_fake(attn, noise, mask_ratio, progress):
 
 @torch.library.register_fake("evomask::gmm_em")
 def _gmm_em_fake(x, init_means, num_iters, reg_covar):
-    torch._check(x.dim() == 3, lambda: "x must be [B, N, D]")
-    torch._check(init_means.dim() == 3, lambda: "init_means must be [B, K, D]")
+    torch._check(x.dim() == 3, lambda: f"x must be a [B, N, D] tensor, got shape {tuple(x.shape)}")
+    torch._check(
+        init_means.dim() == 3 and init_means.shape[0] == x.shape[0] and init_means.shape[2] == x.shape[2],
+        lambda: f"init_means must be [B, K, D] = [{x.shape[0]}, K, {x.shape[2]}], got shape {tuple(init_means.shape)}",
+    )
+    # A meta tensor among real ones routes the call here: name the mix instead of returning garbage.
+    torch._check(
+        init_means.device == x.device,
+        lambda: f"init_means must be on x's device ({x.device}), got {init_means.device}",
+    )
     b, n, d = x.shape
     k = init_means.shape[1]
     f32 = dict(dtype=torch.float32)

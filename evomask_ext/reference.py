@@ -183,26 +183,58 @@ def hier_mask(attn: torch.Tensor, noise: torch.Tensor, mask_ratio: float, progre
     return mask.to(attn.device)
 
 
-def _log_gaussian_diag(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
-    """log N(x_i | mu_k, diag(var_k)) for every point and component: [B, N, K] (EPM Eq. 11).
+# Elements of one [B, N, k, D] block of pairwise differences: bounds the reference's memory.
+_PAIRWISE_BLOCK = 1 << 24
 
-    The squared Mahalanobis term is expanded into matrix products so memory stays O(B N K + B K D);
-    in float64 the cancellation this invites costs far less than float32's resolution.
-    """
+
+def _component_chunks(x: torch.Tensor, k: int):
+    """Slices of the K components such that a [B, N, chunk, D] float64 block stays small."""
+    batch, n, d = x.shape
+    step = max(1, _PAIRWISE_BLOCK // max(1, batch * n * d))
+    return [slice(start, min(start + step, k)) for start in range(0, k, step)]
+
+
+def _weighted_sq_dist(x: torch.Tensor, means: torch.Tensor, scale: torch.Tensor, chunk: slice) -> torch.Tensor:
+    """sum_d scale[b, k, d] * (x[b, i, d] - means[b, k, d])^2 for the components in ``chunk``:
+    [B, N, len(chunk)], from explicit differences (no E[x^2] - mu^2 cancellation)."""
+    diff = x[:, :, None, :] - means[:, None, chunk, :]
+    return (diff * diff * scale[:, None, chunk, :]).sum(-1)
+
+
+def _log_gaussian_diag(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor) -> torch.Tensor:
+    """log N(x_i | mu_k, diag(var_k)) for every point and component: [B, N, K] (EPM Eq. 11)."""
     d = x.shape[-1]
-    precision = 1.0 / variances  # [B, K, D]
-    mahalanobis = (
-        (x * x) @ precision.transpose(1, 2)
-        - 2.0 * x @ (means * precision).transpose(1, 2)
-        + (means * means * precision).sum(-1)[:, None, :]
+    precision = 1.0 / variances
+    mahalanobis = torch.cat(
+        [_weighted_sq_dist(x, means, precision, c) for c in _component_chunks(x, means.shape[1])], dim=2
     )
+    # Far-away points keep a finite (very negative) log-density rather than -inf.
+    mahalanobis = mahalanobis.clamp_max(torch.finfo(torch.float64).max)
     return -0.5 * (d * math.log(2 * math.pi) + variances.log().sum(-1)[:, None, :] + mahalanobis)
 
 
 def _e_step(x, means, variances, weights):
+    """EPM Eq. 12-13: log responsibilities [B, N, K] and the mean log-likelihood per point [B]."""
     weighted = _log_gaussian_diag(x, means, variances) + weights.log()[:, None, :]
     log_norm = torch.logsumexp(weighted, dim=-1)
     return weighted - log_norm[..., None], log_norm.mean(dim=1)
+
+
+def _m_step(x, resp, reg_covar):
+    """EPM Eq. 14-15: means, variances (centred, + reg_covar) and weights from responsibilities."""
+    eps = 10 * torch.finfo(torch.float64).eps  # scikit-learn's floor on a component's mass
+    mass = resp.sum(dim=1) + eps  # [B, K]
+    means = resp.transpose(1, 2) @ x / mass[..., None]
+    spread = torch.cat(
+        [
+            torch.einsum("bnk,bnkd->bkd", resp[:, :, c], (x[:, :, None, :] - means[:, None, c, :]) ** 2)
+            for c in _component_chunks(x, means.shape[1])
+        ],
+        dim=1,
+    )
+    variances = spread / mass[..., None] + reg_covar
+    weights = mass / mass.sum(dim=1, keepdim=True)
+    return means, variances, weights
 
 
 def gmm_em(
@@ -210,10 +242,12 @@ def gmm_em(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched diagonal Gaussian-mixture EM (EPM Eq. 10-16), computed in float64.
 
+    Inputs are rounded to float32 first (as the kernels do), then computed in float64.
     Start: uniform weights, every component's variance = var(x over N) + reg_covar. Then
     ``num_iters`` E/M iterations and a final E-step. As in scikit-learn, each component's mass
     gets ``10 * eps`` added, so an empty component does not divide by zero: its mean collapses to
-    0 and its variance to ``reg_covar``, both finite.
+    0 and its variance to ``reg_covar``, both finite. Outputs beyond float32's range (only from
+    inputs near 1e38) are clamped, so no Inf leaves.
     Returns resp [B, N, K], means [B, K, D], variances [B, K, D], weights [B, K],
     log_likelihood [B] (mean per point), all float32.
     """
@@ -224,29 +258,23 @@ def gmm_em(
     )
     _check(init_means.shape[1] >= 1, "init_means needs at least K = 1 component")
     _check(x.shape[1] >= 1, "x needs at least N = 1 point")
+    _check(x.shape[2] >= 1, "x needs at least D = 1 dimension")
     _check(x.is_floating_point() and init_means.is_floating_point(), "x and init_means must be floating-point")
     _check(init_means.device == x.device, f"init_means must be on x's device ({x.device}), got {init_means.device}")
     _check(num_iters >= 0, f"num_iters must be >= 0, got {num_iters}")
     _check(reg_covar > 0.0 and math.isfinite(reg_covar), f"reg_covar must be a finite value > 0, got {reg_covar}")
-    xd = x.double()
-    _check(bool(torch.isfinite(xd).all()), "x contains NaN or Inf values")
-    _check(bool(torch.isfinite(init_means).all()), "init_means contains NaN or Inf values")
+    xf, init_f = x.float(), init_means.float()
+    _check(bool(torch.isfinite(xf).all()), "x contains NaN or Inf values (after conversion to float32)")
+    _check(bool(torch.isfinite(init_f).all()), "init_means contains NaN or Inf values (after conversion to float32)")
+    xd, means = xf.double(), init_f.double()
 
     batch, n, d = xd.shape
     k = init_means.shape[1]
-    eps = 10 * torch.finfo(torch.float64).eps
-    means = init_means.double()
     variances = (xd.var(dim=1, unbiased=False) + reg_covar)[:, None, :].expand(batch, k, d).clone()
     weights = torch.full((batch, k), 1.0 / k, dtype=torch.float64, device=x.device)
     for _ in range(num_iters):
         log_resp, _ = _e_step(xd, means, variances, weights)
-        resp = log_resp.exp()
-        mass = resp.sum(dim=1) + eps  # [B, K]
-        means = resp.transpose(1, 2) @ xd / mass[..., None]
-        # sum_i r_ik (x_i - mu_k)^2 / N_k = E_r[x^2] - mu_k^2, scikit-learn's form (float64 keeps
-        # the cancellation harmless; see _log_gaussian_diag).
-        second_moment = resp.transpose(1, 2) @ (xd * xd) / mass[..., None]
-        variances = (second_moment - means * means).clamp_min(0) + reg_covar
-        weights = mass / mass.sum(dim=1, keepdim=True)
+        means, variances, weights = _m_step(xd, log_resp.exp(), reg_covar)
     log_resp, log_likelihood = _e_step(xd, means, variances, weights)
-    return tuple(t.float() for t in (log_resp.exp(), means, variances, weights, log_likelihood))
+    limit = torch.finfo(torch.float32).max
+    return tuple(t.clamp(-limit, limit).float() for t in (log_resp.exp(), means, variances, weights, log_likelihood))

@@ -1,7 +1,8 @@
 // CUDA kernel of evomask::gmm_em: the whole EM of one mixture per thread block, all items in one
-// launch. Means and precisions live in shared memory (rows padded to an odd stride, so threads
-// reading different components hit different banks) whenever they fit, otherwise in global
-// memory; responsibilities live in the `resp` output, which doubles as the log-domain workspace.
+// launch. Means, precisions and responsibilities live in shared memory (rows padded to an odd
+// stride, so threads reading different rows hit different banks) whenever they fit; otherwise the
+// responsibilities, then the parameters, fall back to global memory (the `resp` output and a
+// workspace), so any size runs.
 //
 // Arithmetic: squared distances in float32 with centred differences (never E[x^2] - mu^2, see
 // DESIGN.md); the start variances and the log-likelihood are accumulated in float64.
@@ -25,11 +26,14 @@ constexpr float kLog2Pi = 1.8378770664093453f;
 // As in scikit-learn (and the CPU kernel): 10 * double eps added to each component's mass.
 constexpr float kMassFloor = 10.0f * static_cast<float>(DBL_EPSILON);
 
+constexpr int kComponentsPerThread = 4;  // register blocking of the M-step sums
+
 struct Dims {
   int n, d, k;
   int iters;
   float reg;
   bool params_in_shared;
+  bool resp_in_shared;
 };
 
 // Per-block views of the working parameters.
@@ -40,7 +44,12 @@ struct Params {
   float* log_norm;  // [K] log w_k - (D log 2pi + log det_k) / 2
   float* log_w;     // [K]
   float* mass;      // [K]
+  float* resp;      // [N, rstride] log responsibilities (E-step) or responsibilities (M-step)
+  int rstride;
 };
+
+// Finite float32 (values beyond its range only come from inputs near 1e38).
+__device__ float clamp_finite(float v) { return fminf(fmaxf(v, -FLT_MAX), FLT_MAX); }
 
 __device__ double block_sum(double value, double* broadcast) {
   using Reduce = cub::BlockReduce<double, kThreads>;
@@ -53,10 +62,10 @@ __device__ double block_sum(double value, double* broadcast) {
   return out;
 }
 
-// EPM Eq. 11-13 in the log domain; leaves log r_ik in log_resp and returns the mean
+// EPM Eq. 11-13 in the log domain; leaves log r_ik in p.resp and returns the mean
 // log-likelihood per point.
-__device__ double e_step(const float* __restrict__ x, const float* __restrict__ var, float* log_resp,
-                         const Params& p, const Dims& dm, double* broadcast) {
+__device__ double e_step(const float* __restrict__ x, const float* __restrict__ var, const Params& p,
+                         const Dims& dm, double* broadcast) {
   const int n = dm.n, d = dm.d, k = dm.k;
   for (int j = threadIdx.x; j < k; j += blockDim.x) {
     float log_det = 0.f;
@@ -79,6 +88,7 @@ __device__ double e_step(const float* __restrict__ x, const float* __restrict__ 
     const float* mj = p.mu + j * p.stride;
     const float* pj = p.prec + j * p.stride;
     float acc[kPointsPerThread] = {};
+#pragma unroll 4
     for (int c = 0; c < d; ++c) {
       const float m = mj[c], w = pj[c];
 #pragma unroll
@@ -90,13 +100,13 @@ __device__ double e_step(const float* __restrict__ x, const float* __restrict__ 
 #pragma unroll
     for (int q = 0; q < kPointsPerThread; ++q)
       // The clamp keeps far-away points finite (they then get responsibility ~0, not NaN).
-      if (first + q < n) log_resp[(first + q) * k + j] = p.log_norm[j] - 0.5f * fminf(acc[q], FLT_MAX);
+      if (first + q < n) p.resp[(first + q) * p.rstride + j] = p.log_norm[j] - 0.5f * fminf(acc[q], FLT_MAX);
   }
   __syncthreads();
 
   double ll = 0.0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    float* row = log_resp + i * k;
+    float* row = p.resp + i * p.rstride;
     float best = -INFINITY;
     for (int j = 0; j < k; ++j) best = fmaxf(best, row[j]);
     float sum = 0.f;
@@ -109,31 +119,59 @@ __device__ double e_step(const float* __restrict__ x, const float* __restrict__ 
 }
 
 // EPM Eq. 14-15 (+ reg_covar); variances from centred values.
-__device__ void m_step(const float* __restrict__ x, float* var, float* resp, const Params& p, const Dims& dm) {
-  const int n = dm.n, d = dm.d, k = dm.k;
-  for (int idx = threadIdx.x; idx < n * k; idx += blockDim.x) resp[idx] = expf(resp[idx]);
+__device__ void m_step(const float* __restrict__ x, float* var, const Params& p, const Dims& dm) {
+  const int n = dm.n, d = dm.d, k = dm.k, rs = p.rstride;
+  for (int idx = threadIdx.x; idx < n * k; idx += blockDim.x) {
+    const int i = idx / k, j = idx - i * k;
+    p.resp[i * rs + j] = expf(p.resp[i * rs + j]);
+  }
   __syncthreads();
   for (int j = threadIdx.x; j < k; j += blockDim.x) {
     float mass = 0.f;
-    for (int i = 0; i < n; ++i) mass += resp[i * k + j];
+    for (int i = 0; i < n; ++i) mass += p.resp[i * rs + j];
     p.mass[j] = mass + kMassFloor;
   }
   __syncthreads();
-  // Neighbouring threads: neighbouring dimensions of one component, so the reads of x coalesce
-  // and the responsibility is a broadcast.
-  for (int idx = threadIdx.x; idx < k * d; idx += blockDim.x) {
-    const int j = idx / d, c = idx - j * d;
-    const float mass = p.mass[j];
-    float acc = 0.f;
-    for (int i = 0; i < n; ++i) acc += resp[i * k + j] * __ldg(x + i * d + c);
-    const float mean = acc / mass;
-    float sq = 0.f;
+  // One thread: one dimension of kComponentsPerThread components. Neighbouring threads take
+  // neighbouring dimensions, so the reads of x coalesce and the responsibilities broadcast.
+  const int groups = (k + kComponentsPerThread - 1) / kComponentsPerThread;
+  for (int idx = threadIdx.x; idx < groups * d; idx += blockDim.x) {
+    const int c = idx % d;
+    const int first = (idx / d) * kComponentsPerThread;
+    int cols[kComponentsPerThread];
+#pragma unroll
+    for (int q = 0; q < kComponentsPerThread; ++q) cols[q] = min(first + q, k - 1);
+    float acc[kComponentsPerThread] = {};
+#pragma unroll 4
     for (int i = 0; i < n; ++i) {
-      const float diff = __ldg(x + i * d + c) - mean;
-      sq += resp[i * k + j] * diff * diff;
+      const float xv = __ldg(x + i * d + c);
+      const float* r = p.resp + i * rs;
+#pragma unroll
+      for (int q = 0; q < kComponentsPerThread; ++q) acc[q] += r[cols[q]] * xv;
     }
-    p.mu[j * p.stride + c] = mean;
-    var[idx] = fminf(sq / mass + dm.reg, FLT_MAX);
+    float mean[kComponentsPerThread];
+#pragma unroll
+    for (int q = 0; q < kComponentsPerThread; ++q) {
+      mean[q] = clamp_finite(acc[q] / p.mass[cols[q]]);
+      acc[q] = 0.f;
+    }
+#pragma unroll 4
+    for (int i = 0; i < n; ++i) {
+      const float xv = __ldg(x + i * d + c);
+      const float* r = p.resp + i * rs;
+#pragma unroll
+      for (int q = 0; q < kComponentsPerThread; ++q) {
+        const float diff = xv - mean[q];
+        acc[q] += r[cols[q]] * diff * diff;
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < kComponentsPerThread; ++q) {
+      if (first + q < k) {
+        p.mu[(first + q) * p.stride + c] = mean[q];
+        var[(first + q) * d + c] = fminf(acc[q] / p.mass[first + q] + dm.reg, FLT_MAX);
+      }
+    }
   }
   if (threadIdx.x == 0) {
     float total = 0.f;
@@ -158,11 +196,13 @@ __global__ void __launch_bounds__(kThreads)
 
   Params p;
   float* scalars;
+  float* free_smem = smem;
   if (dm.params_in_shared) {
     p.stride = d | 1;
-    p.mu = smem;
-    p.prec = smem + k * p.stride;
-    scalars = smem + 2 * k * p.stride;
+    p.mu = free_smem;
+    p.prec = free_smem + k * p.stride;
+    scalars = free_smem + 2 * k * p.stride;
+    free_smem = scalars + 3 * k;
   } else {
     p.stride = d;
     p.mu = means;
@@ -172,6 +212,13 @@ __global__ void __launch_bounds__(kThreads)
   p.log_norm = scalars;
   p.log_w = scalars + k;
   p.mass = scalars + 2 * k;
+  if (dm.resp_in_shared) {
+    p.rstride = k | 1;
+    p.resp = free_smem;
+  } else {
+    p.rstride = k;
+    p.resp = resp;
+  }
 
   const float* init = init_all + b * k * d;
   for (int idx = threadIdx.x; idx < k * d; idx += blockDim.x) {
@@ -195,12 +242,15 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   for (int it = 0; it < dm.iters; ++it) {
-    e_step(x, var, resp, p, dm, &broadcast);
-    m_step(x, var, resp, p, dm);
+    e_step(x, var, p, dm, &broadcast);
+    m_step(x, var, p, dm);
   }
-  const double ll = e_step(x, var, resp, p, dm, &broadcast);
+  const double ll = e_step(x, var, p, dm, &broadcast);
 
-  for (int idx = threadIdx.x; idx < n * k; idx += blockDim.x) resp[idx] = expf(resp[idx]);
+  for (int idx = threadIdx.x; idx < n * k; idx += blockDim.x) {
+    const int i = idx / k, j = idx - i * k;
+    resp[idx] = expf(p.resp[i * p.rstride + j]);  // in place when p.resp is resp itself
+  }
   if (dm.params_in_shared) {
     for (int idx = threadIdx.x; idx < k * d; idx += blockDim.x) {
       const int j = idx / d, c = idx - j * d;
@@ -231,25 +281,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_em_cu
   at::Tensor log_likelihood = at::empty({batch}, opts);
   if (batch == 0) return {resp, means, variances, weights, log_likelihood};
 
-  const Dims dm{static_cast<int>(n), static_cast<int>(d), static_cast<int>(k), static_cast<int>(num_iters),
-                static_cast<float>(reg_covar), false};
-  const size_t shared_bytes = (2 * static_cast<size_t>(k) * (d | 1) + 3 * static_cast<size_t>(k)) * sizeof(float);
-  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - 1024;
-  Dims launch_dims = dm;
-  launch_dims.params_in_shared = shared_bytes <= limit;
+  Dims dm{static_cast<int>(n), static_cast<int>(d), static_cast<int>(k), static_cast<int>(num_iters),
+          static_cast<float>(reg_covar), false, false};
+  const size_t param_bytes = (2 * static_cast<size_t>(k) * (d | 1) + 3 * static_cast<size_t>(k)) * sizeof(float);
+  const size_t resp_bytes = static_cast<size_t>(n) * (k | 1) * sizeof(float);
+  // Leave room for the block reduction's static shared memory.
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - 2048;
+  dm.params_in_shared = param_bytes <= limit;
+  dm.resp_in_shared = dm.params_in_shared && param_bytes + resp_bytes <= limit;
+  const size_t dynamic_bytes = (dm.params_in_shared ? param_bytes : 0) + (dm.resp_in_shared ? resp_bytes : 0);
+  if (dynamic_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(gmm_em_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(dynamic_bytes)));
+  }
   at::Tensor global_params;
   float* global_ptr = nullptr;
-  size_t dynamic_bytes = 0;
-  if (launch_dims.params_in_shared) {
-    dynamic_bytes = shared_bytes;
-    if (dynamic_bytes > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(gmm_em_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(dynamic_bytes)));
-    }
-  } else {
+  if (!dm.params_in_shared) {
     global_params = at::empty({batch, k * d + 3 * k}, opts);
     global_ptr = global_params.mutable_data_ptr<float>();
   }
+  const Dims launch_dims = dm;
   gmm_em_kernel<<<static_cast<unsigned int>(batch), kThreads, dynamic_bytes, at::cuda::getCurrentCUDAStream()>>>(
       xf.const_data_ptr<float>(), mf.const_data_ptr<float>(), launch_dims, global_ptr, resp.mutable_data_ptr<float>(),
       means.mutable_data_ptr<float>(), variances.mutable_data_ptr<float>(), weights.mutable_data_ptr<float>(),

@@ -1,7 +1,8 @@
 // CUDA kernel of evomask::linkage_tree: one thread block per image, the same cached-row-maxima
-// agglomeration as the CPU builder (cpu/tree_builder.cpp), with the block-wide argmax, the row
-// update and the neighbour rescans spread over threads. The working matrix lives in global
-// memory, so any N works; speed is issue #5's.
+// agglomeration as the CPU builder (cpu/tree_builder.cpp): a block-wide argmax over the cached
+// row maxima picks the pair, threads update the merged row, and each row whose neighbour was
+// merged away is searched again by one warp. The working matrix lives in shared memory when it
+// fits (N <= ~230 on Hopper), otherwise in global memory, so any N works.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -33,28 +34,90 @@ struct BetterCandidate {
   }
 };
 
+// Per-image working state. `matrix` is in shared memory when N*N floats fit (N <= ~230 on an
+// H100/H200), otherwise in global memory; the per-cluster arrays are in shared memory whenever
+// they fit, otherwise in global memory too.
 struct Workspace {
-  float* matrix;   // [B, N, N]
+  float* matrix;   // [B, N, N] (global fallback)
   float* nn_sim;   // [B, N]
   int64_t* nn;     // [B, N]
   int64_t* size;   // [B, N]
   int64_t* node;   // [B, N]
   int64_t* level;  // [B, N]
   uint8_t* active; // [B, N]
+  int* rescan;     // [B, N] rows whose nearest neighbour must be searched again
+  bool matrix_in_shared;
+  bool state_in_shared;
 };
+
+// Shared bytes of the per-cluster state for N clusters (int64 first, for alignment).
+__host__ __device__ inline size_t state_bytes(int64_t n) {
+  return static_cast<size_t>(n) * (4 * sizeof(int64_t) + sizeof(float) + sizeof(int) + sizeof(uint8_t));
+}
+
+// The nearest neighbour of `row` (see linkage.h) found by one warp: lanes scan strided columns,
+// then a shuffle reduction keeps the larger similarity, ties to the smaller index, so the result
+// equals the serial scan's. Lane 0 writes it.
+__device__ void warp_nearest_neighbour(const float* row, const uint8_t* active, int64_t n, int64_t k, int64_t* nn,
+                                       float* nn_sim) {
+  const unsigned lane = threadIdx.x & 31u;
+  int64_t best = -1;
+  float best_sim = 0.0f;
+  for (int64_t j = lane; j < n; j += 32) {
+    if (j == k || !active[j]) continue;
+    const float v = row[j];
+    if (best < 0 || v > best_sim) {
+      best = j;
+      best_sim = v;
+    }
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const int64_t other = __shfl_down_sync(0xffffffffu, best, offset);
+    const float other_sim = __shfl_down_sync(0xffffffffu, best_sim, offset);
+    if (other >= 0 && (best < 0 || other_sim > best_sim || (other_sim == best_sim && other < best))) {
+      best = other;
+      best_sim = other_sim;
+    }
+  }
+  if (lane == 0) {
+    *nn = best;
+    *nn_sim = best_sim;
+  }
+}
 
 __global__ void __launch_bounds__(kThreads)
     linkage_tree_kernel(const float* __restrict__ sim, int64_t n, Workspace ws, int64_t* children, float* heights,
                         int64_t* levels, int64_t* sizes) {
+  extern __shared__ __align__(16) unsigned char smem[];
   const int64_t img = blockIdx.x;
   const float* s = sim + img * n * n;
-  float* d = ws.matrix + img * n * n;
-  float* nn_sim = ws.nn_sim + img * n;
-  int64_t* nn = ws.nn + img * n;
-  int64_t* size = ws.size + img * n;
-  int64_t* node = ws.node + img * n;
-  int64_t* level = ws.level + img * n;
-  uint8_t* active = ws.active + img * n;
+  float* d;
+  float* nn_sim;
+  int64_t *nn, *size, *node, *level;
+  uint8_t* active;
+  int* rescan;
+  if (ws.state_in_shared) {
+    int64_t* base = reinterpret_cast<int64_t*>(smem);
+    nn = base;
+    size = base + n;
+    node = base + 2 * n;
+    level = base + 3 * n;
+    nn_sim = reinterpret_cast<float*>(base + 4 * n);
+    rescan = reinterpret_cast<int*>(nn_sim + n);
+    active = reinterpret_cast<uint8_t*>(rescan + n);
+    // The matrix follows, 16-byte aligned.
+    const size_t offset = (state_bytes(n) + 15) / 16 * 16;
+    d = ws.matrix_in_shared ? reinterpret_cast<float*>(smem + offset) : ws.matrix + img * n * n;
+  } else {
+    d = ws.matrix + img * n * n;
+    nn_sim = ws.nn_sim + img * n;
+    nn = ws.nn + img * n;
+    size = ws.size + img * n;
+    node = ws.node + img * n;
+    level = ws.level + img * n;
+    active = ws.active + img * n;
+    rescan = ws.rescan + img * n;
+  }
   children += img * (n - 1) * 2;
   heights += img * (n - 1);
   if (levels) levels += img * (n - 1);
@@ -63,6 +126,9 @@ __global__ void __launch_bounds__(kThreads)
   using BlockReduce = cub::BlockReduce<Candidate, kThreads>;
   __shared__ typename BlockReduce::TempStorage reduce_storage;
   __shared__ int64_t merge_a, merge_b, size_a, size_b;
+  __shared__ int rescan_count;
+  const int warp = threadIdx.x / 32;
+  constexpr int kWarps = kThreads / 32;
 
   for (int64_t idx = threadIdx.x; idx < n * n; idx += blockDim.x) {
     const int64_t i = idx / n;
@@ -76,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
     level[k] = 1;
   }
   __syncthreads();
-  for (int64_t k = threadIdx.x; k < n; k += blockDim.x) nearest_neighbour(d + k * n, active, n, k, &nn[k], &nn_sim[k]);
+  for (int64_t k = warp; k < n; k += kWarps) warp_nearest_neighbour(d + k * n, active, n, k, &nn[k], &nn_sim[k]);
   __syncthreads();
 
   for (int64_t step = 0; step < n - 1; ++step) {
@@ -108,6 +174,7 @@ __global__ void __launch_bounds__(kThreads)
       merge_b = b;
       size_a = na;
       size_b = nb;
+      rescan_count = 0;
     }
     __syncthreads();
     const int64_t a = merge_a, b = merge_b;
@@ -118,10 +185,12 @@ __global__ void __launch_bounds__(kThreads)
       d[k * n + a] = v;
     }
     __syncthreads();
+    // Rows whose neighbour was a or b (or row a itself) need a full search, done a warp per row;
+    // every other row only compares its neighbour with the new cluster a.
     for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
       if (!active[k]) continue;
       if (k == a || nn[k] == a || nn[k] == b) {
-        nearest_neighbour(d + k * n, active, n, k, &nn[k], &nn_sim[k]);
+        rescan[atomicAdd(&rescan_count, 1)] = static_cast<int>(k);
       } else {
         const float v = d[k * n + a];
         if (v > nn_sim[k] || (v == nn_sim[k] && a < nn[k])) {
@@ -129,6 +198,12 @@ __global__ void __launch_bounds__(kThreads)
           nn_sim[k] = v;
         }
       }
+    }
+    __syncthreads();
+    const int count = rescan_count;
+    for (int e = warp; e < count; e += kWarps) {
+      const int64_t k = rescan[e];
+      warp_nearest_neighbour(d + k * n, active, n, k, &nn[k], &nn_sim[k]);
     }
     __syncthreads();
   }
@@ -157,15 +232,37 @@ void launch_linkage_tree(const at::Tensor& sim, int64_t* children, float* height
                          int64_t* sizes) {
   const int64_t batch = sim.size(0);
   const int64_t n = sim.size(1);
-  at::Tensor matrix = at::empty_like(sim);
-  at::Tensor nn_sim = at::empty({batch, n}, sim.options());
-  at::Tensor slots = at::empty({4, batch, n}, sim.options().dtype(at::kLong));
-  at::Tensor active = at::empty({batch, n}, sim.options().dtype(at::kByte));
-  int64_t* slot_ptr = slots.mutable_data_ptr<int64_t>();
-  const Workspace ws{matrix.mutable_data_ptr<float>(), nn_sim.mutable_data_ptr<float>(), slot_ptr,
-                     slot_ptr + batch * n, slot_ptr + 2 * batch * n, slot_ptr + 3 * batch * n,
-                     active.mutable_data_ptr<uint8_t>()};
-  linkage_tree_kernel<<<static_cast<unsigned int>(batch), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - 1024;
+  const size_t state = (state_bytes(n) + 15) / 16 * 16;
+  const size_t matrix = static_cast<size_t>(n) * n * sizeof(float);
+  Workspace ws{};
+  ws.state_in_shared = state <= limit;
+  ws.matrix_in_shared = ws.state_in_shared && state + matrix <= limit;
+  at::Tensor matrix_buffer, nn_sim, slots, active, rescan;
+  if (!ws.matrix_in_shared) {
+    matrix_buffer = at::empty_like(sim);
+    ws.matrix = matrix_buffer.mutable_data_ptr<float>();
+  }
+  if (!ws.state_in_shared) {
+    nn_sim = at::empty({batch, n}, sim.options());
+    slots = at::empty({4, batch, n}, sim.options().dtype(at::kLong));
+    active = at::empty({batch, n}, sim.options().dtype(at::kByte));
+    rescan = at::empty({batch, n}, sim.options().dtype(at::kInt));
+    int64_t* slot_ptr = slots.mutable_data_ptr<int64_t>();
+    ws.nn_sim = nn_sim.mutable_data_ptr<float>();
+    ws.nn = slot_ptr;
+    ws.size = slot_ptr + batch * n;
+    ws.node = slot_ptr + 2 * batch * n;
+    ws.level = slot_ptr + 3 * batch * n;
+    ws.active = active.mutable_data_ptr<uint8_t>();
+    ws.rescan = rescan.mutable_data_ptr<int>();
+  }
+  const size_t dynamic = (ws.state_in_shared ? state : 0) + (ws.matrix_in_shared ? matrix : 0);
+  if (dynamic > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(linkage_tree_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(dynamic)));
+  }
+  linkage_tree_kernel<<<static_cast<unsigned int>(batch), kThreads, dynamic, at::cuda::getCurrentCUDAStream()>>>(
       sim.const_data_ptr<float>(), n, ws, children, heights, levels, sizes);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
