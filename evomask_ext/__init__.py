@@ -12,11 +12,17 @@ from .ops import GaussianMixture, LinkageTree, draw_noise, gmm_em, group_labels,
 
 from . import masking, selective  # noqa: E402,F401  (registers the strategies)
 from .epm import num_parts_schedule, part_mask  # noqa: E402
+from . import adapters  # noqa: E402,F401
+from .attention import attention_similarity  # noqa: E402
+from .masker import EvolvedMasker  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "COMPILED",
+    "EvolvedMasker",
+    "adapters",
+    "attention_similarity",
     "REFERENCE_KERNELS",
     "GaussianMixture",
     "LinkageTree",

@@ -21,7 +21,10 @@ fi
 echo "[setup] installing build and runtime dependencies"
 pip install -q scikit-build-core pybind11 ninja "cmake>=3.26" numpy \
   pytest scipy scikit-learn fastcluster hypothesis \
-  "timm>=1.0" tqdm tensorboard matplotlib scikit-image pillow
+  "timm>=1.0" tqdm tensorboard matplotlib scikit-image pillow transformers
+# lightly's format is tested against its own helpers; --no-deps keeps it from replacing torch or
+# pulling pytorch-lightning (lightly.models.utils needs neither).
+pip install -q --no-deps "lightly>=1.5"
 echo "[setup] building evomask (CMake + scikit-build-core; a few minutes with the CUDA kernels)"
 pip install -q --no-build-isolation --no-deps --force-reinstall .
 python -P -c "import evomask_ext as e; print('[setup] evomask', e.__version__, 'kernels:', e.kernel_sources())"

@@ -1,0 +1,125 @@
+"""``EvolvedMasker``: evomask's masks from any training loop, one call per step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .masking import STRATEGIES, MaskContext, build_strategy
+
+__all__ = ["EvolvedMasker"]
+
+
+class EvolvedMasker:
+    """Holds a masking strategy, its ratio, the schedule and the random state.
+
+    ``mask = masker(attn, step=s, total_steps=T)`` returns bool ``[B, N]`` (True = masked, the same
+    count per row), at training progress ``s / T``. All randomness comes from the masker's own CPU
+    generator seeded with ``seed``, so masks are reproducible and identical on every device, and
+    :meth:`state_dict` / :meth:`load_state_dict` resume the exact sequence of masks.
+
+    Args:
+        strategy: a name in :data:`evomask_ext.masking.STRATEGIES` (``ehm``, ``epm``, ``random``,
+            ``block``, ``grid``, ``attn``, ``selective``).
+        mask_ratio: fraction masked, in (0, 1).
+        seed: seed of the generator.
+        grid: ``(H, W)`` patch grid; default square (inferred from N).
+        **options: the strategy's own options (e.g. ``num_parts``, ``gamma`` for ``epm``).
+
+    Example::
+
+        masker = EvolvedMasker("ehm", mask_ratio=0.75, seed=0)
+        attn = evomask_ext.attention_similarity(vit, images, layers=6)
+        mask = masker(attn, step=step, total_steps=total_steps)
+        ids = evomask_ext.adapters.to_mae(mask)
+    """
+
+    def __init__(self, strategy: str = "ehm", mask_ratio: float = 0.75, seed: int = 0,
+                 grid: tuple[int, int] | None = None, **options: Any) -> None:
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.name = strategy
+        self.options = dict(options)
+        self.strategy = build_strategy(strategy, mask_ratio, **options)
+        self.mask_ratio = self.strategy.mask_ratio
+        self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.calls = 0
+
+    @staticmethod
+    def progress(step: int, total_steps: int) -> float:
+        """``step / total_steps`` clamped to [0, 1]."""
+        for value, name in ((step, "step"), (total_steps, "total_steps")):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return min(1.0, step / total_steps)
+
+    def __call__(self, attn: torch.Tensor | None = None, *, step: int, total_steps: int,
+                 batch_size: int | None = None, num_patches: int | None = None, device: Any = None,
+                 cls_attn: torch.Tensor | None = None, images: torch.Tensor | None = None,
+                 model: Any = None) -> torch.Tensor:
+        """The mask for one batch. ``attn`` ``[B, N, N]`` is required by ``ehm``/``epm``; strategies
+        that need no attention take ``batch_size`` and ``num_patches`` (and ``device``) instead."""
+        progress = self.progress(step, total_steps)
+        if attn is not None:
+            if not isinstance(attn, torch.Tensor) or attn.dim() != 3 or attn.shape[1] != attn.shape[2]:
+                raise ValueError(f"attn must be a [B, N, N] tensor, got {getattr(attn, 'shape', type(attn))}")
+            batch_size, num_patches = attn.shape[0], attn.shape[1]
+            device = attn.device if device is None else device
+        if batch_size is None or num_patches is None:
+            raise ValueError(f"the {self.name!r} strategy needs attn, or batch_size and num_patches")
+        grid = self.grid or self._square(num_patches)
+        if grid[0] * grid[1] != num_patches:
+            raise ValueError(f"grid {grid} has {grid[0] * grid[1]} patches, the batch has N = {num_patches}")
+        ctx = MaskContext(batch_size, grid, device if device is not None else "cpu", self.generator,
+                          attn=attn, cls_attn=cls_attn, images=images, model=model)
+        mask = self.strategy(ctx, progress)
+        self.calls += 1
+        return mask
+
+    @staticmethod
+    def _square(n: int) -> tuple[int, int]:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"N = {n} patches is not a square grid; pass grid=(H, W) to EvolvedMasker")
+        return side, side
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue the same sequence of masks (tensors and plain values
+        only, so it saves inside a ``torch.save`` checkpoint and loads with ``weights_only=True``)."""
+        return {
+            "strategy": self.name,
+            "mask_ratio": self.mask_ratio,
+            "seed": self.seed,
+            "calls": self.calls,
+            "generator": self.generator.get_state(),
+            "strategy_state": self.strategy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; the strategy and ratio must match this masker's."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        missing = {"strategy", "mask_ratio", "generator", "strategy_state", "calls"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing {sorted(missing)}")
+        if state["strategy"] != self.name or float(state["mask_ratio"]) != self.mask_ratio:
+            raise ValueError(
+                f"state is for strategy {state['strategy']!r} at ratio {state['mask_ratio']}, "
+                f"this masker is {self.name!r} at {self.mask_ratio}"
+            )
+        self.generator.set_state(state["generator"])
+        self.strategy.load_state_dict(state["strategy_state"])
+        self.calls = int(state["calls"])
+
+    def __repr__(self) -> str:
+        return f"EvolvedMasker({self.strategy!r}, seed={self.seed}, calls={self.calls})"
