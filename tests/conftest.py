@@ -15,6 +15,7 @@ any code of the package.
 from __future__ import annotations
 
 import os
+import warnings
 import zlib
 
 import numpy as np
@@ -22,6 +23,8 @@ import pytest
 import torch
 from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
 
 import evomask_ext  # noqa: F401  (registers torch.ops.evomask.*)
 
@@ -223,3 +226,23 @@ def mae_random_masking(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     mask = torch.ones(batch, length)
     mask[:, :len_keep] = 0
     return torch.gather(mask, 1, ids_restore).bool()
+
+
+def sklearn_fit(xb: np.ndarray, init: np.ndarray, num_iters: int, reg: float) -> GaussianMixture:
+    """scikit-learn's GaussianMixture from gmm_em's start (uniform weights, variances var(x) +
+    reg), tol 0, exactly ``num_iters`` iterations (float64 throughout): the gmm_em oracle."""
+    k = init.shape[0]
+    gm = GaussianMixture(
+        n_components=k,
+        covariance_type="diag",
+        tol=0,
+        max_iter=num_iters,
+        reg_covar=reg,
+        means_init=init,
+        weights_init=np.full(k, 1 / k),
+        precisions_init=np.tile(1 / (xb.var(0) + reg), (k, 1)),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm.fit(xb)
+    return gm

@@ -4,19 +4,16 @@ alpha 1, parts equal to scikit-learn's mixture from the same start, the K schedu
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.mixture import GaussianMixture
 
 import evomask_ext
 from evomask_ext import num_parts_schedule, part_mask
 from evomask_ext.masking import MaskContext, build_strategy
 
-from conftest import DEVICES
+from conftest import DEVICES, sklearn_fit
 
 
 def attention(batch: int, n: int, gen: torch.Generator, groups: int = 4) -> torch.Tensor:
@@ -92,13 +89,7 @@ def test_parts_match_sklearn_from_the_same_start(gen):
     for b in range(batch):
         x = attn[b].double().numpy()
         start = torch.argsort(noise[b], descending=True, stable=True)[:k].numpy()
-        var0 = x.var(0) + 1e-6
-        gm = GaussianMixture(k, covariance_type="diag", tol=0, max_iter=iters, reg_covar=1e-6,
-                             means_init=x[start], weights_init=np.full(k, 1 / k), precisions_init=np.tile(1 / var0, (k, 1)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            gm.fit(x)
-        proba = gm.predict_proba(x)
+        proba = sklearn_fit(x, x[start], iters, 1e-6).predict_proba(x)
         top2 = np.sort(proba, axis=1)[:, -2:]
         clear = top2[:, 1] - top2[:, 0] > 1e-3  # ignore near-ties, where float32 may flip
         assert clear.mean() > 0.9

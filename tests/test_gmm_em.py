@@ -6,19 +6,17 @@ batches, layouts and dtypes; bad input."""
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture
 
 import evomask_ext
 from evomask_ext import reference
 
-from conftest import DEVICES, HAS_CUDA
+from conftest import DEVICES, HAS_CUDA, sklearn_fit
 
 
 def separated_blobs(batch: int, n: int, d: int, k: int, gen: torch.Generator):
@@ -47,19 +45,7 @@ def test_matches_sklearn(num_iters, gen):
             np.testing.assert_allclose(out.variances[b].numpy(), np.tile(xb.var(0) + reg, (k, 1)), rtol=1e-5)
             np.testing.assert_allclose(out.weights[b].numpy(), np.full(k, 1 / k), rtol=1e-6)
             continue
-        gm = GaussianMixture(
-            n_components=k,
-            covariance_type="diag",
-            tol=0,
-            max_iter=num_iters,
-            reg_covar=reg,
-            means_init=init[b].double().numpy(),
-            weights_init=np.full(k, 1 / k),
-            precisions_init=np.tile(1 / (xb.var(0) + reg), (k, 1)),
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            gm.fit(xb)
+        gm = sklearn_fit(xb, init[b].double().numpy(), num_iters, reg)
         np.testing.assert_allclose(out.means[b].numpy(), gm.means_, rtol=1e-4, atol=1e-4 * np.abs(gm.means_).max())
         np.testing.assert_allclose(out.variances[b].numpy(), gm.covariances_, rtol=1e-4)
         np.testing.assert_allclose(out.weights[b].numpy(), gm.weights_, rtol=1e-4)
@@ -145,25 +131,6 @@ def random_rows(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """K distinct rows of each item of x [B, N, D], chosen at random: [B, K, D]."""
     idx = torch.stack([torch.randperm(x.shape[1], generator=gen)[:k] for _ in range(x.shape[0])])
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[2])).clone()
-
-
-def sklearn_fit(xb: np.ndarray, init: np.ndarray, num_iters: int, reg: float) -> GaussianMixture:
-    """scikit-learn's GaussianMixture from the contract's start (float64 throughout)."""
-    k = init.shape[0]
-    gm = GaussianMixture(
-        n_components=k,
-        covariance_type="diag",
-        tol=0,
-        max_iter=num_iters,
-        reg_covar=reg,
-        means_init=init,
-        weights_init=np.full(k, 1 / k),
-        precisions_init=np.tile(1 / (xb.var(0) + reg), (k, 1)),
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        gm.fit(xb)
-    return gm
 
 
 def sklearn_with_params(means: np.ndarray, variances: np.ndarray, weights: np.ndarray) -> GaussianMixture:
