@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <tuple>
 #include <utility>
 
 namespace evomask {
@@ -75,6 +76,16 @@ inline std::pair<at::Tensor, at::Tensor> check_gmm_em_args(const at::Tensor& x, 
   TORCH_CHECK(mf.numel() == 0 || at::isfinite(mf).all().item<bool>(),
               "init_means contains NaN or Inf values (after conversion to float32)");
   return {xf, mf};
+}
+
+// gmm_em's outputs, uninitialised, shaped from x [B, N, D] and K: resp [B, N, K], means and
+// variances [B, K, D], weights [B, K], log_likelihood [B], all float32 on x's device.
+using GmmOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+inline GmmOutputs empty_gmm_em_outputs(const at::Tensor& x, int64_t k) {
+  const int64_t batch = x.size(0), n = x.size(1), d = x.size(2);
+  const auto opts = x.options().dtype(at::kFloat);
+  return {at::empty({batch, n, k}, opts), at::empty({batch, k, d}, opts), at::empty({batch, k, d}, opts),
+          at::empty({batch, k}, opts), at::empty({batch}, opts)};
 }
 
 }  // namespace evomask

@@ -155,18 +155,11 @@ class MixtureFitter {
   std::vector<double> x_, mu_, mu_t_, var_, prec_, log_norm_, log_w_, log_resp_, resp_, acc_, dist_;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_em_cpu(const at::Tensor& x,
-                                                                                  const at::Tensor& init_means,
-                                                                                  int64_t num_iters,
-                                                                                  double reg_covar) {
+GmmOutputs gmm_em_cpu(const at::Tensor& x, const at::Tensor& init_means, int64_t num_iters, double reg_covar) {
   const auto [xf, mf] = check_gmm_em_args(x, init_means, num_iters, reg_covar);
   const int64_t batch = xf.size(0), n = xf.size(1), d = xf.size(2), k = mf.size(1);
-  const auto opts = xf.options();
-  at::Tensor resp = at::empty({batch, n, k}, opts);
-  at::Tensor means = at::empty({batch, k, d}, opts);
-  at::Tensor variances = at::empty({batch, k, d}, opts);
-  at::Tensor weights = at::empty({batch, k}, opts);
-  at::Tensor log_likelihood = at::empty({batch}, opts);
+  GmmOutputs out = empty_gmm_em_outputs(xf, k);
+  auto& [resp, means, variances, weights, log_likelihood] = out;
 
   const float* x_ptr = xf.const_data_ptr<float>();
   const float* init_ptr = mf.const_data_ptr<float>();
@@ -182,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_em_cp
                  means_ptr + b * k * d, var_ptr + b * k * d, w_ptr + b * k, ll_ptr + b);
     }
   });
-  return {resp, means, variances, weights, log_likelihood};
+  return out;
 }
 
 }  // namespace

@@ -261,10 +261,9 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) ll_all[b] = static_cast<float>(fmax(ll, -static_cast<double>(FLT_MAX)));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_em_cuda(const at::Tensor& x,
-                                                                                   const at::Tensor& init_means,
-                                                                                   int64_t num_iters,
-                                                                                   double reg_covar) {
+GmmOutputs gmm_em_cuda(const at::Tensor& x, const at::Tensor& init_means, int64_t num_iters, double reg_covar) {
+  // Before the guard: with x on the CPU and init_means on a GPU the call lands here, and the
+  // guard would fail on a CPU device with a less useful message.
   TORCH_CHECK(init_means.device() == x.device(), "init_means must be on x's device (", x.device(), "), got ",
               init_means.device());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -273,13 +272,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_em_cu
   TORCH_CHECK(n * d < INT32_MAX && n * k < INT32_MAX && k * d < INT32_MAX,
               "gmm_em: one item's x, resp or means exceeds 2^31 elements (N=", n, ", D=", d, ", K=", k, ")");
   TORCH_CHECK(num_iters < INT32_MAX, "num_iters must be < 2^31, got ", num_iters);
-  const auto opts = xf.options();
-  at::Tensor resp = at::empty({batch, n, k}, opts);
-  at::Tensor means = at::empty({batch, k, d}, opts);
-  at::Tensor variances = at::empty({batch, k, d}, opts);
-  at::Tensor weights = at::empty({batch, k}, opts);
-  at::Tensor log_likelihood = at::empty({batch}, opts);
-  if (batch == 0) return {resp, means, variances, weights, log_likelihood};
+  GmmOutputs out = empty_gmm_em_outputs(xf, k);
+  auto& [resp, means, variances, weights, log_likelihood] = out;
+  if (batch == 0) return out;
 
   Dims dm{static_cast<int>(n), static_cast<int>(d), static_cast<int>(k), static_cast<int>(num_iters),
           static_cast<float>(reg_covar), false, false};
@@ -297,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_em_cu
   at::Tensor global_params;
   float* global_ptr = nullptr;
   if (!dm.params_in_shared) {
-    global_params = at::empty({batch, k * d + 3 * k}, opts);
+    global_params = at::empty({batch, k * d + 3 * k}, xf.options());
     global_ptr = global_params.mutable_data_ptr<float>();
   }
   const Dims launch_dims = dm;
@@ -306,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gmm_em_cu
       means.mutable_data_ptr<float>(), variances.mutable_data_ptr<float>(), weights.mutable_data_ptr<float>(),
       log_likelihood.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {resp, means, variances, weights, log_likelihood};
+  return out;
 }
 
 }  // namespace
