@@ -24,7 +24,9 @@ _python_libraries: list[torch.library.Library] = []
 
 
 def _find_library() -> Path | None:
-    candidate = Path(__file__).resolve().with_name(LIBRARY_NAME)
+    # EVOMASK_LIBRARY points at another build of the library, e.g. the sanitizer build of CI.
+    override = os.environ.get("EVOMASK_LIBRARY", "")
+    candidate = Path(override) if override else Path(__file__).resolve().with_name(LIBRARY_NAME)
     return candidate if candidate.exists() else None
 
 
@@ -33,6 +35,8 @@ def _load_compiled() -> tuple[bool, str]:
     if os.environ.get("EVOMASK_DISABLE_EXTENSION", "") not in ("", "0"):
         return False, "EVOMASK_DISABLE_EXTENSION is set"
     path = _find_library()
+    if path is None and os.environ.get("EVOMASK_LIBRARY", ""):
+        return False, f"EVOMASK_LIBRARY={os.environ['EVOMASK_LIBRARY']} does not exist"
     if path is None:
         return False, f"{LIBRARY_NAME} was not found next to {__file__} (package not built?)"
     try:
@@ -43,7 +47,13 @@ def _load_compiled() -> tuple[bool, str]:
 
 
 def has_kernel(op: str, backend: str) -> bool:
-    """Whether ``evomask::op`` has a kernel registered for ``backend`` ("CPU", "CUDA")."""
+    """Whether ``evomask::op`` has a kernel registered for ``backend`` ("CPU", "CUDA").
+
+    ``op`` is one of the package's ops (``linkage_tree``, ``hier_mask``, ``gmm_em``)."""
+    if not isinstance(op, str) or op not in _schemas.SCHEMAS:
+        raise ValueError(f"op must be one of {sorted(_schemas.SCHEMAS)}, got {op!r}")
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {list(_BACKENDS)}, got {backend!r}")
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", backend)
 
 
