@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import zipfile
 import warnings
 from pathlib import Path
 
@@ -37,13 +38,40 @@ def save_atomic(state: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Loads a checkpoint with ``weights_only=True``; a clear error names a corrupt file."""
+    """Loads a checkpoint with ``weights_only=True``; a clear error names a corrupt file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        RuntimeError: the file is truncated, not a torch checkpoint, or holds more than plain tensors
+            and containers; the message names the file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off write has no directory
+        raise RuntimeError(
+            f"checkpoint {path} is unreadable or corrupt: not a complete torch.save archive "
+            f"({path.stat().st_size} bytes; truncated or overwritten)"
+        )
+    # torch.load does not check the archive's CRCs: a flipped bit in a tensor would load silently.
     try:
-        return torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # truncated zip, garbage bytes, wrong format
-        raise RuntimeError(f"checkpoint {path} is unreadable or corrupt: {exc}") from exc
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        damaged = f"? ({exc})"
+    if damaged is not None:
+        raise RuntimeError(f"checkpoint {path} is unreadable or corrupt: member {damaged} fails its CRC check")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if "weights only load failed" in str(exc).lower():
+            reason = "it holds pickled Python objects, which weights_only=True refuses (not an evomask checkpoint?)"
+        else:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(f"checkpoint {path} is unreadable or corrupt: {reason}") from exc
+    if not isinstance(state, dict) or "step" not in state:
+        raise RuntimeError(f"checkpoint {path} is unreadable or corrupt: not an evomask checkpoint (no 'step')")
+    return state
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

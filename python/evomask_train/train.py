@@ -30,12 +30,24 @@ import evomask_ext
 from evomask_ext.attention import attention_maps
 from evomask_ext.masking import STRATEGIES, MaskContext, MaskStrategy, build_strategy
 
-from .checkpoint import latest_valid_checkpoint, load_checkpoint, prune_checkpoints, save_atomic
+from .checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, save_atomic
 from .data import build_dataset, build_loader, set_loader_epoch
 from .gallery import save_gallery
 from .model import MODEL_SIZES, MaskedAutoencoder, build_mae
 
-__all__ = ["build_parser", "main", "train"]
+__all__ = ["build_parser", "main", "train", "TrainingStopped", "NonFiniteError"]
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on a fault it can explain (divergence, an unwritable output folder, bad data).
+
+    ``main`` prints the message and exits with status 3 instead of a traceback; the checkpoints
+    written before the fault are untouched, so the run can be resumed once the cause is fixed.
+    """
+
+
+class NonFiniteError(TrainingStopped, FloatingPointError):
+    """The loss, the gradients or the masking attention turned NaN/Inf: the step was not taken."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:K")
     g.add_argument("--output-dir", type=Path, default=Path("out/pretrain"), help="metrics, checkpoints, galleries")
     g.add_argument("--seed", type=int, default=0, help="seed of weights, data order, crops and masks")
+    g.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True): bitwise-repeatable CUDA runs, somewhat slower")
     g.add_argument("--resume", default=None,
                    help="checkpoint file to resume from, or 'auto' for the newest valid one in --output-dir")
     g.add_argument("--save-every", type=int, default=200, help="checkpoint every this many optimiser steps (and at each epoch end)")
@@ -160,11 +174,17 @@ class _MetricsLog:
         rows = []
         if self.path.exists():  # keep what was logged up to the checkpoint we resume from
             with self.path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resumed_step]
-        with self.path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, self.FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resumed_step]
+        # Rewritten through a temporary file: a failed write (disk full) must not lose the old rows.
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with tmp.open("w", newline="") as f:
+                writer = csv.DictWriter(f, self.FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -192,6 +212,7 @@ class StepMasker:
         self.attn_layers = attn_layers
         self.generator = generator
         self.progress = 0.0
+        self.step = 0  # optimiser step, for messages
         self.last_ms = 0.0
 
     def __call__(self, imgs: torch.Tensor, tokens: torch.Tensor, model: MaskedAutoencoder) -> torch.Tensor:
@@ -203,6 +224,14 @@ class StepMasker:
                 model.blocks, tokens, patch_layers=self.attn_layers if "attn" in needs else 0,
                 cls_from_last="cls_attn" in needs,
             )
+            # A diverged encoder gives NaN/Inf attention; the masking ops must never see it.
+            for name, value in (("patch attention", maps.patch), ("[CLS] attention", maps.cls)):
+                if value is not None and not bool(torch.isfinite(value).all()):
+                    raise NonFiniteError(
+                        f"the {name} of the encoder's first blocks is NaN/Inf at step {self.step}: the model "
+                        "has diverged, so no mask was drawn and the step was not taken. Resume from the last "
+                        "checkpoint with a lower learning rate (--blr) or more warmup."
+                    )
         ctx = MaskContext(
             batch_size=tokens.shape[0], grid=model.cfg.grid, device=tokens.device, generator=self.generator,
             attn=maps.patch if maps is not None else None, cls_attn=maps.cls if maps is not None else None,
@@ -234,6 +263,20 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _write_or_stop(write, path: Path, step: int, row: dict) -> None:
+    try:
+        write(row)
+    except OSError as exc:
+        raise TrainingStopped(f"could not write {path} at step {step}: {exc}") from exc
+
+
+def _remove_partial_checkpoints(folder: Path) -> None:
+    """Deletes the temporary files of checkpoint writes that a kill interrupted (never a checkpoint)."""
+    for partial in folder.glob(".checkpoint-*.pt.*.tmp"):
+        print(f"[evomask] removing {partial.name}, left by a checkpoint write that was interrupted", flush=True)
+        partial.unlink(missing_ok=True)
+
+
 def _jsonable_args(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
@@ -247,8 +290,15 @@ def train(args: argparse.Namespace) -> dict:
     rank, world, device = _init_distributed(args.device)
     is_main = rank == 0
     out = Path(args.output_dir)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True)
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainingStopped(f"cannot create --output-dir {out}: {exc}") from exc
+        _remove_partial_checkpoints(out)
 
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model = build_mae(args.model, args.img_size, args.patch_size, args.norm_pix_loss).to(device)
@@ -258,7 +308,10 @@ def train(args: argparse.Namespace) -> dict:
         raise SystemExit(f"--attn-layers must be in [1, {depth}] for --model {args.model}, got {attn_layers}")
     torch.manual_seed(args.seed + 1 + rank)
 
-    dataset = build_dataset(args.data, args.img_size, seed=args.seed, length=args.dataset_length)
+    try:
+        dataset = build_dataset(args.data, args.img_size, seed=args.seed, length=args.dataset_length)
+    except (OSError, ValueError) as exc:  # missing, empty or unreadable folder
+        raise TrainingStopped(f"--data {args.data}: {exc}") from exc
     loader = build_loader(dataset, args.batch_size, args.seed, num_workers=args.num_workers,
                           distributed=world > 1, rank=rank, world_size=world)
     steps_per_epoch = len(loader) // args.accum_iter
@@ -306,7 +359,10 @@ def train(args: argparse.Namespace) -> dict:
                 print(f"[evomask] resumed from step {step} (epoch {step / steps_per_epoch:.2f})", flush=True)
 
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    log = _MetricsLog(out, step) if is_main else None
+    try:
+        log = _MetricsLog(out, step) if is_main else None
+    except OSError as exc:
+        raise TrainingStopped(f"could not write {out / 'metrics.csv'}: {exc}") from exc
     gallery_batch = torch.stack([dataset[i] for i in range(min(args.gallery_images, len(dataset)))]).to(device)
     last_steps = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
 
@@ -318,12 +374,20 @@ def train(args: argparse.Namespace) -> dict:
         else:
             rngs = [state]
         if is_main:
-            save_atomic(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "strategy": strategy.state_dict(), "step": step, "epoch": step / steps_per_epoch,
-                 "rng": rngs, "args": json.dumps(_jsonable_args(args))},
-                out / f"checkpoint-{step:08d}.pt",
-            )
+            path = out / f"checkpoint-{step:08d}.pt"
+            try:
+                save_atomic(
+                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "strategy": strategy.state_dict(), "step": step,
+                     "epoch": step / steps_per_epoch, "rng": rngs, "args": json.dumps(_jsonable_args(args))},
+                    path,
+                )
+            except OSError as exc:  # disk full, quota, folder gone: the older checkpoints are untouched
+                kept = list_checkpoints(out)
+                raise TrainingStopped(
+                    f"could not write checkpoint {path} at step {step}: {exc}. "
+                    + (f"The newest intact checkpoint is {kept[0]}." if kept else "No earlier checkpoint exists.")
+                ) from exc
             prune_checkpoints(out, args.keep_checkpoints)
 
     def gallery(epoch: int) -> None:
@@ -334,8 +398,12 @@ def train(args: argparse.Namespace) -> dict:
             gen_state = mask_gen.get_state()  # galleries must not shift the training masks
             _, pred, mask = model(gallery_batch, mask_fn=masker)
             mask_gen.set_state(gen_state)
-        save_gallery(model, gallery_batch, mask, pred, attn_layers, out / "gallery" / f"epoch{epoch:04d}.png",
-                     f"{args.mask} masks, epoch {epoch}, t/T = {masker.progress:.2f} ({args.model}, {args.img_size}px)")
+        path = out / "gallery" / f"epoch{epoch:04d}.png"
+        try:
+            save_gallery(model, gallery_batch, mask, pred, attn_layers, path,
+                         f"{args.mask} masks, epoch {epoch}, t/T = {masker.progress:.2f} ({args.model}, {args.img_size}px)")
+        except OSError as exc:
+            raise TrainingStopped(f"could not write the mask gallery {path} at step {step}: {exc}") from exc
         model.train()
 
     # SIGTERM (cluster pre-emption) behaves like Ctrl-C: checkpoint, then stop.
@@ -357,6 +425,7 @@ def train(args: argparse.Namespace) -> dict:
                     break
                 t0 = time.perf_counter()
                 masker.progress = step / total_steps  # t / T, the epoch fraction
+                masker.step = step
                 mask_ms, loss_sum = 0.0, 0.0
                 for micro in range(args.accum_iter):
                     imgs = next(batches).to(device, non_blocking=True)
@@ -365,13 +434,20 @@ def train(args: argparse.Namespace) -> dict:
                     with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                         loss, _, _ = ddp_model(imgs, mask_fn=masker)
                     if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"loss is {loss.item()} at step {step} (epoch {epoch}); the step was not taken. "
-                            "Lower the learning rate or resume from the last checkpoint."
+                        raise NonFiniteError(
+                            f"the loss is {loss.item()} at step {step} (epoch {epoch}): the model has diverged and "
+                            "the step was not taken. Resume from the last checkpoint with a lower learning "
+                            "rate (--blr) or more warmup."
                         )
                     (loss / args.accum_iter).backward()
                     mask_ms += masker.last_ms
                     loss_sum += loss.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # measures only
+                if not torch.isfinite(grad_norm):
+                    raise NonFiniteError(
+                        f"the gradient norm is {grad_norm.item()} at step {step} (epoch {epoch}): the step was not "
+                        "taken. Resume from the last checkpoint with a lower learning rate (--blr)."
+                    )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -381,9 +457,10 @@ def train(args: argparse.Namespace) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", mask_ms=f"{mask_ms:.1f}")
                 if is_main and (step % args.log_every == 0 or step == last_steps):
-                    log.write({"step": step, "epoch": epoch, "progress": round(step / total_steps, 6),
-                               "loss": last_loss, "lr": scheduler.get_last_lr()[0], "mask_ms": round(mask_ms, 3),
-                               "step_ms": round(step_ms, 3), "images_per_s": round(eff_batch / (step_ms / 1e3), 2)})
+                    _write_or_stop(log.write, log.path, step, {
+                        "step": step, "epoch": epoch, "progress": round(step / total_steps, 6), "loss": last_loss,
+                        "lr": scheduler.get_last_lr()[0], "mask_ms": round(mask_ms, 3), "step_ms": round(step_ms, 3),
+                        "images_per_s": round(eff_batch / (step_ms / 1e3), 2)})
                 if step % args.save_every == 0:
                     checkpoint()
             skip = 0
@@ -417,7 +494,11 @@ def train(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    summary = train(args)
+    try:
+        summary = train(args)
+    except TrainingStopped as exc:
+        print(f"[evomask] stopped: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[evomask] done: {json.dumps(summary)}", flush=True)
 
