@@ -4,6 +4,7 @@ corrupt images, a full disk, and repeatability from a seed (issue 8)."""
 from __future__ import annotations
 
 import errno
+import re
 import os
 import signal
 import subprocess
@@ -437,3 +438,47 @@ def test_same_seed_same_masks_and_losses_on_cpu(tmp_path, monkeypatch, strategy)
     assert_same_weights(load_checkpoint(list_checkpoints(tmp_path / "a")[0]), load_checkpoint(list_checkpoints(tmp_path / "b")[0]))
     masks_other, _ = runs["other-seed"]
     assert not all(torch.equal(x, y) for x, y in zip(masks_a, masks_other))
+
+
+# --------------------------------------------------------------------------------------------
+# bad command lines
+
+
+@pytest.mark.parametrize("argv, flag, expected", [
+    (["--mask-ratio", "1.5"], "--mask-ratio", r"a number in \(0, 1\)"),
+    (["--mask-ratio", "0"], "--mask-ratio", r"a number in \(0, 1\)"),
+    (["--batch-size", "0"], "--batch-size", "an integer >= 1"),
+    (["--epochs", "two"], "--epochs", "an integer >= 1"),
+    (["--save-every", "0"], "--save-every", "an integer >= 1"),
+    (["--log-every", "-1"], "--log-every", "an integer >= 1"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints", "an integer >= 1"),
+    (["--accum-iter", "0"], "--accum-iter", "an integer >= 1"),
+    (["--blr", "nan"], "--blr", "a finite number > 0"),
+    (["--lr=-1e-3"], "--lr", "a finite number > 0"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs", "a finite number >= 0"),
+    (["--em-iters", "-2"], "--em-iters", "an integer >= 0"),
+    (["--num-parts", "0"], "--num-parts", "an integer >= 1"),
+    (["--mask", "nope"], "--mask", "invalid choice"),
+])
+def test_bad_flags_are_named_by_the_parser(argv, flag, expected, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err
+    assert re.search(expected, err), err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--img-size", "30", "--patch-size", "8"], r"--img-size 30 / --patch-size 8: .*multiple of patch_size"),
+    (["--device", "gpu"], r"--device 'gpu' is not a device"),
+    (["--device", "cuda:7"] if torch.cuda.is_available() else ["--device", "cuda"], r"--device cuda"),
+    (["--attn-layers", "13"], r"--attn-layers must be in \[1, 12\]"),
+])
+def test_bad_configurations_stop_with_the_flag_named(tmp_path, argv, expected, capsys):
+    argv = [*TINY, "--output-dir", str(tmp_path), "--max-steps", "1", *argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    message = err if exit_info.value.code == 3 else str(exit_info.value.code)
+    assert re.search(expected, message), (exit_info.value.code, err)

@@ -50,6 +50,29 @@ class NonFiniteError(TrainingStopped, FloatingPointError):
     """The loss, the gradients or the masking attention turned NaN/Inf: the step was not taken."""
 
 
+def _number(kind: type, test, expected: str):
+    """An argparse type: parses ``kind`` and rejects values failing ``test`` with what was expected."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = expected  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "an integer >= 1")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+open_unit_float = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="evomask-pretrain",
@@ -59,55 +82,55 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", type=Path, default=None,
                    help="ImageFolder-style folder of images (labels unused); default: the embedded scikit-image photos")
-    g.add_argument("--dataset-length", type=int, default=1024,
+    g.add_argument("--dataset-length", type=positive_int, default=1024,
                    help="samples per epoch of the embedded default dataset (random crops)")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--num-workers", type=nonnegative_int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(MODEL_SIZES), default="tiny", help="ViT encoder size (MAE decoder scaled with it)")
-    g.add_argument("--img-size", type=int, default=224, help="input resolution in pixels")
-    g.add_argument("--patch-size", type=int, default=16, help="patch side in pixels")
+    g.add_argument("--img-size", type=positive_int, default=224, help="input resolution in pixels")
+    g.add_argument("--patch-size", type=positive_int, default=16, help="patch side in pixels")
     g.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
                    help="regress per-patch normalised pixels (MAE's best setting)")
     g = p.add_argument_group("masking")
     g.add_argument("--mask", choices=sorted(STRATEGIES), default="ehm", help="masking strategy")
-    g.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches masked")
-    g.add_argument("--attn-layers", type=int, default=None,
+    g.add_argument("--mask-ratio", type=open_unit_float, default=0.75, help="fraction of patches masked")
+    g.add_argument("--attn-layers", type=positive_int, default=None,
                    help="encoder blocks whose attention is averaged for the masks (default: half the depth)")
-    g.add_argument("--selective-steps", type=int, default=10,
+    g.add_argument("--selective-steps", type=positive_int, default=10,
                    help="selective: S schedule steps; step 0 masks at random, later ones by a frozen snapshot's errors")
-    g.add_argument("--selective-probes", type=int, default=5,
+    g.add_argument("--selective-probes", type=positive_int, default=5,
                    help="selective: R random-mask passes of the snapshot per batch (R extra forwards)")
-    g.add_argument("--num-parts", type=int, default=None,
+    g.add_argument("--num-parts", type=positive_int, default=None,
                    help="epm: a fixed number of parts K (default: EPM's schedule, 40 falling to 10)")
-    g.add_argument("--gamma", type=float, default=2.0,
+    g.add_argument("--gamma", type=nonnegative_float, default=2.0,
                    help="epm: alpha = (t / T) ** gamma blends the grid pattern into whole parts")
-    g.add_argument("--em-iters", type=int, default=10, help="epm: Gaussian-mixture EM iterations per batch")
+    g.add_argument("--em-iters", type=nonnegative_int, default=10, help="epm: Gaussian-mixture EM iterations per batch")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=400, help="training epochs")
-    g.add_argument("--max-steps", type=int, default=None,
+    g.add_argument("--epochs", type=positive_int, default=400, help="training epochs")
+    g.add_argument("--max-steps", type=nonnegative_int, default=None,
                    help="stop after this many optimiser steps in total (the schedule still spans --epochs)")
-    g.add_argument("--batch-size", type=int, default=64, help="images per step per process")
-    g.add_argument("--accum-iter", type=int, default=1, help="gradient accumulation steps per optimiser step")
-    g.add_argument("--blr", type=float, default=1.5e-4, help="base learning rate: lr = blr * effective batch / 256")
-    g.add_argument("--lr", type=float, default=None, help="absolute learning rate (overrides --blr)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="floor of the cosine schedule")
-    g.add_argument("--warmup-epochs", type=float, default=40, help="linear warmup length in epochs")
-    g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on biases/norms/tokens)")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="images per step per process")
+    g.add_argument("--accum-iter", type=positive_int, default=1, help="gradient accumulation steps per optimiser step")
+    g.add_argument("--blr", type=positive_float, default=1.5e-4, help="base learning rate: lr = blr * effective batch / 256")
+    g.add_argument("--lr", type=positive_float, default=None, help="absolute learning rate (overrides --blr)")
+    g.add_argument("--min-lr", type=nonnegative_float, default=0.0, help="floor of the cosine schedule")
+    g.add_argument("--warmup-epochs", type=nonnegative_float, default=40, help="linear warmup length in epochs")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.05, help="AdamW weight decay (not on biases/norms/tokens)")
     g.add_argument("--amp", choices=["auto", "bf16", "off"], default="auto",
                    help="mixed precision: auto = bf16 autocast on CUDA, off on CPU")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:K")
     g.add_argument("--output-dir", type=Path, default=Path("out/pretrain"), help="metrics, checkpoints, galleries")
-    g.add_argument("--seed", type=int, default=0, help="seed of weights, data order, crops and masks")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of weights, data order, crops and masks")
     g.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True): bitwise-repeatable CUDA runs, somewhat slower")
     g.add_argument("--resume", default=None,
                    help="checkpoint file to resume from, or 'auto' for the newest valid one in --output-dir")
-    g.add_argument("--save-every", type=int, default=200, help="checkpoint every this many optimiser steps (and at each epoch end)")
-    g.add_argument("--keep-checkpoints", type=int, default=2, help="step checkpoints kept on disk")
-    g.add_argument("--gallery-every", type=int, default=10, help="write a mask gallery every this many epochs (and at the end)")
-    g.add_argument("--gallery-images", type=int, default=4, help="images in each gallery")
-    g.add_argument("--log-every", type=int, default=10, help="metrics.csv / TensorBoard every this many optimiser steps")
+    g.add_argument("--save-every", type=positive_int, default=200, help="checkpoint every this many optimiser steps (and at each epoch end)")
+    g.add_argument("--keep-checkpoints", type=positive_int, default=2, help="step checkpoints kept on disk")
+    g.add_argument("--gallery-every", type=positive_int, default=10, help="write a mask gallery every this many epochs (and at the end)")
+    g.add_argument("--gallery-images", type=positive_int, default=4, help="images in each gallery")
+    g.add_argument("--log-every", type=positive_int, default=10, help="metrics.csv / TensorBoard every this many optimiser steps")
     return p
 
 
@@ -115,7 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
 # distributed and small utilities
 
 
+def _check_device(device_arg: str) -> None:
+    try:
+        device = torch.device(device_arg)
+    except (RuntimeError, ValueError) as exc:
+        raise TrainingStopped(f"--device {device_arg!r} is not a device (cpu, cuda or cuda:K): {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingStopped(f"--device {device_arg}: no CUDA device is available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TrainingStopped(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type != "cpu":
+        raise TrainingStopped(f"--device {device_arg}: expected cpu, cuda or cuda:K")
+
+
 def _init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    _check_device(device_arg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, torch.device(device_arg)
@@ -301,7 +339,10 @@ def train(args: argparse.Namespace) -> dict:
         _remove_partial_checkpoints(out)
 
     torch.manual_seed(args.seed)  # same initial weights on every rank
-    model = build_mae(args.model, args.img_size, args.patch_size, args.norm_pix_loss).to(device)
+    try:
+        model = build_mae(args.model, args.img_size, args.patch_size, args.norm_pix_loss).to(device)
+    except ValueError as exc:  # e.g. an image size that is not a multiple of the patch size
+        raise TrainingStopped(f"--img-size {args.img_size} / --patch-size {args.patch_size}: {exc}") from exc
     depth = model.cfg.depth
     attn_layers = args.attn_layers if args.attn_layers is not None else depth // 2
     if not 1 <= attn_layers <= depth:
