@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .ops import ArgumentTypeError, _is_real_number, _require_bool, _require_tensor, _require_unit_interval
+
 __all__ = ["MAEIndices", "LightlyIndices", "check_mask", "to_mae", "to_hf_noise", "to_lightly"]
 
 
@@ -42,13 +44,19 @@ class LightlyIndices(NamedTuple):
 
 
 def check_mask(mask: Any, name: str = "mask") -> int:
-    """Validates a bool ``[B, N]`` mask with the same count per row; returns that count."""
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    """Validates a bool ``[B, N]`` mask with the same count per row; returns that count.
+
+    An empty batch (B = 0) is valid and returns 0. A meta tensor is rejected: its count cannot be
+    read, and every format's shape depends on it. ``name`` is the argument named in errors."""
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"name must be a str, got {type(name).__name__}")
+    _require_tensor(mask, name)
     if mask.dim() != 2:
         raise ValueError(f"{name} must be a [B, N] tensor, got shape {list(mask.shape)}")
     if mask.dtype != torch.bool:
         raise ValueError(f"{name} must be a bool tensor (True = masked), got {mask.dtype}")
+    if mask.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (no data): its masked count per row cannot be read")
     counts = mask.sum(dim=1)
     if mask.shape[0] == 0:
         return 0
@@ -87,12 +95,12 @@ def _mask_ratio_of(mask_ratio: Any) -> float:
     for holder in (mask_ratio, getattr(mask_ratio, "config", None)):
         value = getattr(holder, "mask_ratio", None)
         if value is not None:
-            return float(value)
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
-        raise TypeError(
+            return _require_unit_interval(value, "mask_ratio (config.mask_ratio)", open_interval=False)
+    if not _is_real_number(mask_ratio):
+        raise ArgumentTypeError(
             f"mask_ratio must be a float or a model/config with mask_ratio, got {type(mask_ratio).__name__}"
         )
-    return float(mask_ratio)
+    return _require_unit_interval(mask_ratio, "mask_ratio", open_interval=False)
 
 
 def to_hf_noise(mask: torch.Tensor, mask_ratio: Any) -> torch.Tensor:
@@ -104,7 +112,10 @@ def to_hf_noise(mask: torch.Tensor, mask_ratio: Any) -> torch.Tensor:
 
     Args:
         mask: bool ``[B, N]``, True = masked.
-        mask_ratio: the model's ``config.mask_ratio`` (or the model / config itself).
+        mask_ratio: the model's ``config.mask_ratio`` (or the model / config itself), in [0, 1].
+
+    Returns:
+        float32 ``[B, N]`` on ``mask``'s device; an empty ``[0, N]`` tensor for an empty batch.
 
     Raises:
         ValueError: the mask's count differs from the count that ratio implies.
@@ -112,6 +123,8 @@ def to_hf_noise(mask: torch.Tensor, mask_ratio: Any) -> torch.Tensor:
     masked = check_mask(mask)
     ratio = _mask_ratio_of(mask_ratio)
     n = mask.shape[1]
+    if mask.shape[0] == 0:  # no row to compare the ratio's count with
+        return torch.zeros(0, n, dtype=torch.float32, device=mask.device)
     keep = int(n * (1 - ratio))
     if n - masked != keep:
         raise ValueError(
@@ -131,6 +144,7 @@ def to_lightly(mask: torch.Tensor, class_token: bool = True) -> LightlyIndices:
     Use as ``model(images, idx_keep=out.idx_keep)`` or ``mask=out.mask``.
     """
     masked = check_mask(mask)
+    class_token = _require_bool(class_token, "class_token")
     n = mask.shape[1]
     ids_shuffle = _shuffle(mask)
     offset = 1 if class_token else 0

@@ -9,10 +9,21 @@ projections; the blocks themselves run unchanged.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
+
+from .ops import (
+    ArgumentTypeError,
+    _module_device,
+    _require_bool,
+    _require_finite,
+    _require_floating,
+    _require_int,
+    _require_same_device,
+    _require_tensor,
+)
 
 __all__ = ["AttentionMaps", "block_attention_probs", "attention_maps", "attention_similarity"]
 
@@ -25,7 +36,15 @@ class AttentionMaps(NamedTuple):
 
 
 def block_attention_probs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Softmax attention probabilities ``[B, heads, T, T]`` of ``block`` on its input ``x``, in float32."""
+    """Softmax attention probabilities ``[B, heads, T, T]`` of ``block`` on its input ``x``, in float32.
+
+    ``block`` is a timm ``Block`` (``norm1`` and an ``attn`` with ``qkv``, ``num_heads``, ``head_dim``,
+    ``scale``, ``q_norm``, ``k_norm``); ``x`` its floating-point ``[B, T, D]`` input on the block's
+    device. An empty batch gives an empty ``[0, heads, T, T]`` result. NaN/Inf in ``x`` propagate
+    into the probabilities (not checked: this runs inside :func:`attention_maps`, block after block).
+    """
+    _check_block(block, "block")
+    _check_tokens(x, "x", block)
     attn = block.attn
     batch, tokens, _ = x.shape
     qkv = attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -33,6 +52,40 @@ def block_attention_probs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     q, k = attn.q_norm(q), attn.k_norm(k)
     logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
     return logits.softmax(dim=-1)
+
+
+_ATTN_FIELDS = ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")
+
+
+def _check_block(block: Any, name: str) -> None:
+    attn = getattr(block, "attn", None)
+    if not isinstance(block, nn.Module) or not hasattr(block, "norm1") or attn is None or not all(
+        hasattr(attn, field) for field in _ATTN_FIELDS
+    ):
+        raise ArgumentTypeError(
+            f"{name} must be a timm ViT Block (norm1, and attn with {', '.join(_ATTN_FIELDS)}), "
+            f"got {type(block).__name__}"
+        )
+
+
+def _check_tokens(tokens: Any, name: str, module: nn.Module, *, min_tokens: int = 1) -> None:
+    """tokens: a floating-point ``[B, T, D]`` tensor of the blocks' width on ``module``'s device,
+    ``T >= min_tokens``. NaN/Inf values are not checked here: they propagate into the maps, where
+    the caller checks them (the trainer stops a diverged run with its NonFiniteError)."""
+    _require_tensor(tokens, name)
+    if tokens.dim() != 3:
+        raise ValueError(f"{name} must be a [B, T, D] token sequence, got shape {list(tokens.shape)}")
+    if tokens.shape[1] < min_tokens:
+        raise ValueError(f"{name} must hold at least {min_tokens} tokens, got shape {list(tokens.shape)}")
+    _require_floating(tokens, name)
+    width = getattr(getattr(module, "norm1", None), "normalized_shape", None)
+    if width and tokens.shape[-1] != width[-1]:
+        raise ValueError(
+            f"{name} must have D = {width[-1]} features (the blocks' width), got shape {list(tokens.shape)}"
+        )
+    device = _module_device(module)
+    if device is not None:
+        _require_same_device(tokens, name, device, "the model's parameters")
 
 
 def _capturable(block: nn.Module) -> bool:
@@ -86,15 +139,36 @@ def attention_maps(
             heads averaged -> ``cls`` [B, N] (AttnMask's score).
         num_prefix_tokens: P, the CLS (and register) tokens in front of the patches.
 
+    Bad ``blocks`` / ``tokens`` (not blocks, wrong rank, width or device, fewer than P + 1
+    tokens) and bad ints raise an error naming them. NaN/Inf in ``tokens`` are not an error here:
+    they propagate into the maps, which the caller checks (the trainer's NonFiniteError).
+
     Cost: ``max(patch_layers, len(blocks) if cls_from_last else 0)`` block forwards on the full
     sequence, the read ones with unfused attention (a [B, heads, T, T] tensor each).
     """
-    if not 0 <= patch_layers <= len(blocks):
-        raise ValueError(f"patch_layers must be in [0, {len(blocks)}] (the number of blocks), got {patch_layers}")
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-        raise ValueError(f"num_prefix_tokens must be an int >= 0, got {num_prefix_tokens!r}")
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        raise ArgumentTypeError(
+            f"blocks must be a sequence of ViT blocks (e.g. model.blocks), got {type(blocks).__name__}"
+        )
+    try:
+        blocks = list(blocks)
+    except TypeError:
+        raise ArgumentTypeError(
+            f"blocks must be a sequence of ViT blocks (e.g. model.blocks), got {type(blocks).__name__}"
+        ) from None
+    patch_layers = _require_int(patch_layers, "patch_layers", minimum=0, maximum=len(blocks),
+                                hint=" (at most the number of blocks)")
+    num_prefix_tokens = _require_int(num_prefix_tokens, "num_prefix_tokens", minimum=0)
+    cls_from_last = _require_bool(cls_from_last, "cls_from_last")
     if cls_from_last and num_prefix_tokens < 1:
         raise ValueError("cls_from_last needs a CLS token (num_prefix_tokens >= 1)")
+    last = len(blocks) if cls_from_last else patch_layers
+    for i in range(last):
+        if i < patch_layers or (cls_from_last and i == last - 1):  # the blocks whose attention is read
+            _check_block(blocks[i], f"blocks[{i}]")
+        elif not callable(blocks[i]):
+            raise ArgumentTypeError(f"blocks[{i}] must be a module, got {type(blocks[i]).__name__}")
+    _check_tokens(tokens, "tokens", blocks[0] if blocks else nn.Module(), min_tokens=num_prefix_tokens + 1)
     p = num_prefix_tokens
     last = len(blocks) if cls_from_last else patch_layers
     x = tokens
@@ -131,12 +205,24 @@ def attention_similarity(model: nn.Module, images: torch.Tensor, layers: int | N
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(model, "patch_embed"):
         raise TypeError(f"model must be a timm VisionTransformer (patch_embed, blocks), got {type(model).__name__}")
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a [B, C, H, W] tensor, got {getattr(images, 'shape', type(images))}")
+    _require_tensor(images, "images")
+    if images.dim() != 4:
+        raise ValueError(f"images must be a [B, C, H, W] tensor, got shape {list(images.shape)}")
+    _require_floating(images, "images")
+    embed = model.patch_embed
+    channels = getattr(getattr(embed, "proj", None), "in_channels", None)
+    if isinstance(channels, int) and images.shape[1] != channels:
+        raise ValueError(f"images must have C = {channels} channels (the model's), got shape {list(images.shape)}")
+    size = getattr(embed, "img_size", None)
+    if getattr(embed, "strict_img_size", False) and size is not None and tuple(images.shape[2:]) != tuple(size):
+        raise ValueError(f"images must be {tuple(size)} pixels (the model's img_size), got shape {list(images.shape)}")
+    device = _module_device(model)
+    if device is not None:
+        _require_same_device(images, "images", device, "the model's parameters")
+    _require_finite(images, "images")
     depth = len(blocks)
     layers = depth // 2 if layers is None else layers
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= depth:
-        raise ValueError(f"layers must be an int in [1, {depth}], got {layers!r}")
+    layers = _require_int(layers, "layers", minimum=1, maximum=depth)
     tokens = model.patch_embed(images)
     tokens = model._pos_embed(tokens) if hasattr(model, "_pos_embed") else tokens
     if hasattr(model, "norm_pre"):

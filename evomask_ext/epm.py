@@ -19,7 +19,20 @@ from typing import Any
 
 import torch
 
-from .ops import draw_noise, gmm_em
+from .ops import (
+    _require_bool,
+    _require_finite,
+    _require_floating,
+    _require_generator,
+    _require_int,
+    _require_real,
+    _require_same_device,
+    _require_shape,
+    _require_tensor,
+    _require_unit_interval,
+    draw_noise,
+    gmm_em,
+)
 from .reference import masked_count
 
 __all__ = ["num_parts_schedule", "part_mask", "part_labels", "PartMaskResult"]
@@ -27,22 +40,25 @@ __all__ = ["num_parts_schedule", "part_mask", "part_labels", "PartMaskResult"]
 
 def num_parts_schedule(progress: float, start: int = 40, end: int = 10) -> int:
     """K at training progress ``t / T``: linear from ``start`` to ``end`` (EPM Sec. 4.2: 40 -> 10),
-    rounded to the nearest integer."""
+    rounded to the nearest integer. ``progress`` in [0, 1]; ``start`` and ``end`` ints >= 1."""
     progress = _unit(progress, "progress")
-    if isinstance(start, bool) or isinstance(end, bool) or not isinstance(start, int) or not isinstance(end, int):
-        raise TypeError(f"start and end must be ints, got {start!r} and {end!r}")
-    if start < 1 or end < 1:
-        raise ValueError(f"start and end must be >= 1, got {start} and {end}")
+    start = _require_int(start, "start", minimum=1)
+    end = _require_int(end, "end", minimum=1)
     return int(math.floor(start + (end - start) * progress + 0.5))
 
 
 def _unit(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:  # False for NaN
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return value
+    return _require_unit_interval(value, name, open_interval=False)
+
+
+def _check_attn(attn: Any, *, min_patches: int) -> None:
+    """attn: a floating-point ``[B, N, N]`` tensor with ``N >= min_patches``."""
+    _require_tensor(attn, "attn")
+    if attn.dim() != 3 or attn.shape[1] != attn.shape[2]:
+        raise ValueError(f"attn must be a [B, N, N] tensor, got shape {list(attn.shape)}")
+    _require_floating(attn, "attn")
+    if attn.shape[1] < min_patches:
+        raise ValueError(f"attn needs at least N = {min_patches} patches, got N = {attn.shape[1]}")
 
 
 def _square_grid(n: int) -> tuple[int, int]:
@@ -62,10 +78,12 @@ class PartMaskResult(tuple):
 
     @property
     def mask(self) -> torch.Tensor:
+        """bool ``[B, N]``, True = masked."""
         return self[0]
 
     @property
     def parts(self) -> torch.Tensor:
+        """int64 ``[B, N]``: the part (mixture component) of every patch."""
         return self[1]
 
 
@@ -74,7 +92,25 @@ def part_labels(
 ) -> torch.Tensor:
     """Part of every patch, ``[B, N]`` int64: diagonal GMM over the attention rows (EPM Eq. 10-16),
     started from the ``num_parts`` rows with the highest ``noise`` (distinct rows), parts =
-    argmax responsibility (Eq. 16)."""
+    argmax responsibility (Eq. 16).
+
+    Args:
+        attn: ``[B, N, N]`` floating-point, finite attention (N >= 1).
+        num_parts: K, an int >= 1; capped at N.
+        noise: ``[B, N]`` floating-point, finite keys on ``attn``'s device (picks the initial means).
+        em_iters: EM iterations (>= 0).
+        reg_covar: added to the mixture's variances (> 0).
+    """
+    _check_attn(attn, min_patches=1)
+    num_parts = _require_int(num_parts, "num_parts", minimum=1)
+    _require_tensor(noise, "noise")
+    _require_same_device(noise, "noise", attn.device, "attn")
+    _require_shape(noise, "noise", tuple(attn.shape[:2]), "[B, N]")
+    _require_floating(noise, "noise")
+    em_iters = _require_int(em_iters, "em_iters", minimum=0)
+    reg_covar = _require_real(reg_covar, "reg_covar", greater_than=0.0)
+    _require_finite(attn, "attn")
+    _require_finite(noise, "noise")
     batch, n, _ = attn.shape
     k = min(num_parts, n)
     starts = torch.argsort(noise, dim=1, descending=True, stable=True)[:, :k]
@@ -119,33 +155,24 @@ def part_mask(
     Cost: one ``gmm_em`` call (K components over N points in N dimensions, ``em_iters`` iterations)
     plus a sort per image.
     """
-    from .masking import grid_scores, top_k_mask  # masking imports this module's strategy
+    from .masking import _grid, grid_scores, top_k_mask  # masking imports this module's strategy
 
-    if not isinstance(attn, torch.Tensor):
-        raise TypeError(f"attn must be a torch.Tensor, got {type(attn).__name__}")
-    if attn.dim() != 3 or attn.shape[1] != attn.shape[2]:
-        raise ValueError(f"attn must be a [B, N, N] tensor, got shape {list(attn.shape)}")
-    if not attn.is_floating_point():
-        raise ValueError(f"attn must be a floating-point tensor, got {attn.dtype}")
+    _check_attn(attn, min_patches=2)
     batch, n, _ = attn.shape
-    if n < 2:
-        raise ValueError(f"attn needs at least N = 2 patches, got N = {n}")
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0.0 < float(mask_ratio) < 1.0:
-        raise ValueError(f"mask_ratio must be in the open interval (0, 1), got {mask_ratio!r}")
+    mask_ratio = _require_unit_interval(mask_ratio, "mask_ratio", open_interval=True)
     progress = _unit(progress, "progress")
     if num_parts is None:
         num_parts = num_parts_schedule(progress)
-    if isinstance(num_parts, bool) or not isinstance(num_parts, int) or num_parts < 1:
-        raise ValueError(f"num_parts must be an int >= 1 or None, got {num_parts!r}")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not (0.0 < float(gamma) < math.inf):
-        raise ValueError(f"gamma must be a finite float > 0, got {gamma!r}")
-    if isinstance(em_iters, bool) or not isinstance(em_iters, int) or em_iters < 0:
-        raise ValueError(f"em_iters must be an int >= 0, got {em_iters!r}")
-    h, w = _square_grid(n) if grid is None else (int(grid[0]), int(grid[1]))
+    num_parts = _require_int(num_parts, "num_parts", minimum=1, hint=" or None")
+    gamma = _require_real(gamma, "gamma", greater_than=0.0)
+    em_iters = _require_int(em_iters, "em_iters", minimum=0)
+    reg_covar = _require_real(reg_covar, "reg_covar", greater_than=0.0)
+    return_parts = _require_bool(return_parts, "return_parts")
+    _require_generator(generator)
+    h, w = _square_grid(n) if grid is None else _grid(grid)
     if h * w != n:
-        raise ValueError(f"grid {tuple(grid)} has {h * w} patches but attn has N = {n}")
-    if batch > 0 and not bool(torch.isfinite(attn).all()):
-        raise ValueError("attn contains NaN or Inf values")
+        raise ValueError(f"grid {(h, w)} has {h * w} patches but attn has N = {n}")
+    _require_finite(attn, "attn")
 
     device = attn.device
     k = min(num_parts, n)
@@ -160,5 +187,5 @@ def part_mask(
     parts = part_labels(attn.detach(), k, noise, em_iters, reg_covar)
     alpha = float(progress) ** float(gamma)
     scores = (1.0 - alpha) * grid_term + alpha * part_table.gather(1, parts)  # EPM Eq. 18
-    mask = top_k_mask(scores, masked_count(n, float(mask_ratio)), noise)
+    mask = top_k_mask(scores, masked_count(n, mask_ratio), noise)
     return PartMaskResult(mask, parts) if return_parts else mask

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from .masking import STRATEGIES, MaskContext, build_strategy
+from .masking import STRATEGIES, MaskContext, _grid, build_strategy
+from .ops import ArgumentTypeError, _require_device, _require_int, _require_tensor
 
 __all__ = ["EvolvedMasker"]
 
@@ -40,23 +41,21 @@ class EvolvedMasker:
                  grid: tuple[int, int] | None = None, **options: Any) -> None:
         if not isinstance(strategy, str) or strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        seed = _require_int(seed, "seed")
         self.name = strategy
         self.options = dict(options)
         self.strategy = build_strategy(strategy, mask_ratio, **options)
         self.mask_ratio = self.strategy.mask_ratio
-        self.grid = None if grid is None else (int(grid[0]), int(grid[1]))
+        self.grid = None if grid is None else _grid(grid)
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.calls = 0
 
     @staticmethod
     def progress(step: int, total_steps: int) -> float:
-        """``step / total_steps`` clamped to [0, 1]."""
-        for value, name in ((step, "step"), (total_steps, "total_steps")):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        """``step / total_steps`` clamped to [0, 1]; ``step`` an int >= 0, ``total_steps`` an int >= 1."""
+        total_steps = _require_int(total_steps, "total_steps")
+        step = _require_int(step, "step")
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         if step < 0:
@@ -70,13 +69,26 @@ class EvolvedMasker:
         """The mask for one batch. ``attn`` ``[B, N, N]`` is required by ``ehm``/``epm``; strategies
         that need no attention take ``batch_size`` and ``num_patches`` (and ``device``) instead."""
         progress = self.progress(step, total_steps)
+        if device is not None:
+            device = _require_device(device)
         if attn is not None:
-            if not isinstance(attn, torch.Tensor) or attn.dim() != 3 or attn.shape[1] != attn.shape[2]:
-                raise ValueError(f"attn must be a [B, N, N] tensor, got {getattr(attn, 'shape', type(attn))}")
+            _require_tensor(attn, "attn")
+            if attn.dim() != 3 or attn.shape[1] != attn.shape[2]:
+                raise ValueError(f"attn must be a [B, N, N] tensor, got shape {list(attn.shape)}")
+            if attn.shape[1] < 2:
+                raise ValueError(f"attn needs at least N = 2 patches, got shape {list(attn.shape)}")
+            given = ((batch_size, "batch_size", attn.shape[0]), (num_patches, "num_patches", attn.shape[1]))
+            for value, name, size in given:
+                if value is not None and value != size:
+                    raise ValueError(
+                        f"{name} = {value!r} contradicts attn's shape {list(attn.shape)}; pass attn or {name}, not both"
+                    )
             batch_size, num_patches = attn.shape[0], attn.shape[1]
             device = attn.device if device is None else device
         if batch_size is None or num_patches is None:
             raise ValueError(f"the {self.name!r} strategy needs attn, or batch_size and num_patches")
+        batch_size = _require_int(batch_size, "batch_size", minimum=0)
+        num_patches = _require_int(num_patches, "num_patches", minimum=2)
         grid = self.grid or self._square(num_patches)
         if grid[0] * grid[1] != num_patches:
             raise ValueError(f"grid {grid} has {grid[0] * grid[1]} patches, the batch has N = {num_patches}")
@@ -90,7 +102,7 @@ class EvolvedMasker:
     def _square(n: int) -> tuple[int, int]:
         side = math.isqrt(n)
         if side * side != n:
-            raise ValueError(f"N = {n} patches is not a square grid; pass grid=(H, W) to EvolvedMasker")
+            raise ValueError(f"num_patches N = {n} is not a square grid; pass grid=(H, W) to EvolvedMasker")
         return side, side
 
     def state_dict(self) -> dict[str, Any]:
@@ -108,7 +120,7 @@ class EvolvedMasker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores :meth:`state_dict`; the strategy and ratio must match this masker's."""
         if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+            raise ArgumentTypeError(f"state must be a dict, got {type(state).__name__}")
         missing = {"strategy", "mask_ratio", "generator", "strategy_state", "calls"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
@@ -117,9 +129,25 @@ class EvolvedMasker:
                 f"state is for strategy {state['strategy']!r} at ratio {state['mask_ratio']}, "
                 f"this masker is {self.name!r} at {self.mask_ratio}"
             )
-        self.generator.set_state(state["generator"])
-        self.strategy.load_state_dict(state["strategy_state"])
-        self.calls = int(state["calls"])
+        generator = state["generator"]
+        if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8 or generator.dim() != 1:
+            raise ValueError(
+                "state['generator'] must be a CPU generator's state (a 1-D uint8 tensor), got "
+                f"{type(generator).__name__}"
+                + (f" {generator.dtype} {list(generator.shape)}" if isinstance(generator, torch.Tensor) else "")
+            )
+        calls = _require_int(state["calls"], "state['calls']", minimum=0)
+        previous = self.generator.get_state()
+        try:
+            self.generator.set_state(generator.cpu())
+        except RuntimeError as exc:
+            raise ValueError(f"state['generator'] is not a valid CPU generator state: {exc}") from None
+        try:
+            self.strategy.load_state_dict(state["strategy_state"])
+        except Exception:
+            self.generator.set_state(previous)
+            raise
+        self.calls = calls
 
     def __repr__(self) -> str:
         return f"EvolvedMasker({self.strategy!r}, seed={self.seed}, calls={self.calls})"

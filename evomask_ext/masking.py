@@ -28,7 +28,20 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from .ops import draw_noise, hier_mask
+from .ops import (
+    ArgumentTypeError,
+    _move_to,
+    _require_device,
+    _require_finite,
+    _require_floating,
+    _require_generator,
+    _require_int,
+    _require_real,
+    _require_tensor,
+    _require_unit_interval,
+    draw_noise,
+    hier_mask,
+)
 from .reference import masked_count
 
 __all__ = [
@@ -56,26 +69,6 @@ _CONTEXT_INPUTS = frozenset({"attn", "cls_attn", "images", "model"})
 # --------------------------------------------------------------------------------------------
 
 
-def _fraction(value: Any, name: str, *, open_interval: bool) -> float:
-    """``value`` as a float in (0, 1) or [0, 1]; TypeError for non-numbers, ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    ok = 0.0 < value < 1.0 if open_interval else 0.0 <= value <= 1.0  # False for NaN
-    if not ok:
-        interval = "the open interval (0, 1)" if open_interval else "[0, 1]"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-    return value
-
-
-def _positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _generator_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
     """Where draws from ``generator`` happen (the generator's own device), as in ``draw_noise``."""
     return generator.device if generator is not None else device
@@ -101,19 +94,23 @@ def top_k_mask(scores: torch.Tensor, num_mask: int, tie_noise: torch.Tensor) -> 
     Returns:
         bool ``[B, N]`` on ``scores``' device, exactly ``num_mask`` True per row.
     """
-    if not isinstance(scores, torch.Tensor) or not isinstance(tie_noise, torch.Tensor):
-        raise TypeError("scores and tie_noise must be torch.Tensors")
+    _require_tensor(scores, "scores")
+    _require_tensor(tie_noise, "tie_noise")
     if scores.dim() != 2:
         raise ValueError(f"scores must be a [B, N] tensor, got shape {list(scores.shape)}")
+    if scores.dtype == torch.bool or scores.is_complex():
+        raise ValueError(f"scores must be a real (floating-point or integer) tensor, got {scores.dtype}")
     if tie_noise.shape != scores.shape:
         raise ValueError(
             f"tie_noise must have the shape of scores {list(scores.shape)}, got {list(tie_noise.shape)}"
         )
     if tie_noise.device != scores.device:
         raise ValueError(f"tie_noise must be on scores' device ({scores.device}), got {tie_noise.device}")
+    _require_floating(tie_noise, "tie_noise")
     n = scores.shape[1]
-    if isinstance(num_mask, bool) or not isinstance(num_mask, (int, np.integer)) or not 0 <= num_mask <= n:
-        raise ValueError(f"num_mask must be an int in [0, N = {n}], got {num_mask!r}")
+    num_mask = _require_int(num_mask, "num_mask", minimum=0, maximum=n, hint=" (at most N)")
+    _require_finite(scores, "scores", allow_inf=True)  # -inf: "never score" (selective masking)
+    _require_finite(tie_noise, "tie_noise")
     by_noise = torch.argsort(tie_noise, dim=1, descending=True, stable=True)
     by_score = torch.argsort(scores.gather(1, by_noise), dim=1, descending=True, stable=True)
     ranked = by_noise.gather(1, by_score)
@@ -148,20 +145,20 @@ def random_mask(
     Returns:
         bool ``[B, N]`` on ``device``, True = masked.
     """
-    batch_size = _positive_int(batch_size, "batch_size", minimum=0)
-    num_patches = _positive_int(num_patches, "num_patches")
-    mask_ratio = _fraction(mask_ratio, "mask_ratio", open_interval=True)
-    device = torch.device(device)
+    batch_size = _require_int(batch_size, "batch_size", minimum=0)
+    num_patches = _require_int(num_patches, "num_patches", minimum=1)
+    mask_ratio = _require_unit_interval(mask_ratio, "mask_ratio", open_interval=True)
+    device = _require_device(device)
+    _require_generator(generator)
     if noise is None:
         noise = draw_noise(batch_size, num_patches, device, generator)
     else:
-        if not isinstance(noise, torch.Tensor):
-            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+        _require_tensor(noise, "noise")
         if tuple(noise.shape) != (batch_size, num_patches):
             raise ValueError(f"noise must have shape [{batch_size}, {num_patches}], got {list(noise.shape)}")
-        if not noise.is_floating_point():
-            raise ValueError(f"noise must be a floating-point tensor, got {noise.dtype}")
-        noise = noise.to(device)
+        _require_floating(noise, "noise")
+        _require_finite(noise, "noise")
+        noise = _move_to(noise, "noise", device)
     order = torch.argsort(noise, dim=1, descending=True, stable=True)
     mask = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device)
     return mask.scatter_(1, order[:, : masked_count(num_patches, mask_ratio)], True)
@@ -184,9 +181,10 @@ def grid_scores(
     Returns:
         float32 ``[B, H * W]`` on ``device``, row-major over the grid.
     """
-    batch_size = _positive_int(batch_size, "batch_size", minimum=0)
+    batch_size = _require_int(batch_size, "batch_size", minimum=0)
     h, w = _grid(grid)
-    device = torch.device(device)
+    device = _require_device(device)
+    _require_generator(generator)
     table = torch.rand(batch_size, 2, 2, generator=generator, device=_generator_device(generator, device))
     table = table.to(device)
     rows = torch.arange(h, device=device).remainder(2)[:, None].expand(h, w).reshape(-1)
@@ -197,8 +195,8 @@ def grid_scores(
 def _grid(grid: Any) -> tuple[int, int]:
     if not isinstance(grid, (tuple, list)) or len(grid) != 2:
         raise ValueError(f"grid must be a pair (H, W) of patch counts, got {grid!r}")
-    h = _positive_int(grid[0], "grid[0] (H)")
-    w = _positive_int(grid[1], "grid[1] (W)")
+    h = _require_int(grid[0], "grid[0] (H)", minimum=1)
+    w = _require_int(grid[1], "grid[1] (W)", minimum=1)
     return h, w
 
 
@@ -224,13 +222,12 @@ class MaskContext:
     model: Any = None  #: the model being trained (unwrapped from DDP); "selective" snapshots it
 
     def __post_init__(self) -> None:
-        self.batch_size = _positive_int(self.batch_size, "batch_size", minimum=0)
+        self.batch_size = _require_int(self.batch_size, "batch_size", minimum=0)
         self.grid = _grid(self.grid)
         if self.grid[0] * self.grid[1] < 2:
             raise ValueError(f"grid must have at least N = 2 patches, got {self.grid}")
-        self.device = torch.device(self.device)
-        if self.generator is not None and not isinstance(self.generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(self.generator).__name__}")
+        self.device = _require_device(self.device, "device")
+        _require_generator(self.generator)
 
     @property
     def num_patches(self) -> int:
@@ -249,7 +246,7 @@ class MaskStrategy:
     needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, mask_ratio: float) -> None:
-        self.mask_ratio = _fraction(mask_ratio, "mask_ratio", open_interval=True)
+        self.mask_ratio = _require_unit_interval(mask_ratio, "mask_ratio", open_interval=True)
 
     def num_mask(self, num_patches: int) -> int:
         """``masked_count(N, mask_ratio)``: MAE's number of masked patches."""
@@ -259,7 +256,7 @@ class MaskStrategy:
         """The mask for one batch at training progress ``progress = t / T`` in [0, 1]."""
         if not isinstance(ctx, MaskContext):
             raise TypeError(f"ctx must be a MaskContext, got {type(ctx).__name__}")
-        progress = _fraction(progress, "progress", open_interval=False)
+        progress = _require_unit_interval(progress, "progress", open_interval=False)
         return self._mask(ctx, progress)
 
     def _mask(self, ctx: MaskContext, progress: float) -> torch.Tensor:
@@ -299,8 +296,13 @@ def register_strategy(cls: type[MaskStrategy]) -> type[MaskStrategy]:
 def build_strategy(name: str, mask_ratio: float, **options: Any) -> MaskStrategy:
     """The strategy registered as ``name`` (``random``, ``block``, ``grid``, ``attn``, ``ehm``, ...)
     with ``mask_ratio`` and its keyword ``options`` (e.g. ``min_num_patches`` for ``block``)."""
+    if not isinstance(name, str):
+        raise ArgumentTypeError(
+            f"name must be a str, one of {', '.join(sorted(STRATEGIES))}; got {type(name).__name__}"
+        )
     if name not in STRATEGIES:
-        raise ValueError(f"unknown masking strategy {name!r}; valid names: {', '.join(sorted(STRATEGIES))}")
+        raise ValueError(f"name must be a registered masking strategy, got unknown {name!r}; "
+                         f"valid names: {', '.join(sorted(STRATEGIES))}")
     cls = STRATEGIES[name]
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "mask_ratio")]
     unknown = sorted(set(options) - set(accepted))
@@ -383,16 +385,14 @@ class BlockMask(MaskStrategy):
         max_num_patches: int | None = None,
     ) -> None:
         super().__init__(mask_ratio)
-        self.min_num_patches = _positive_int(min_num_patches, "min_num_patches")
+        self.min_num_patches = _require_int(min_num_patches, "min_num_patches", minimum=1)
         if max_num_patches is not None:
-            max_num_patches = _positive_int(max_num_patches, "max_num_patches")
+            max_num_patches = _require_int(max_num_patches, "max_num_patches", minimum=1)
         self.max_num_patches = max_num_patches
-        min_aspect = float(min_aspect)
-        if not (min_aspect > 0 and math.isfinite(min_aspect)):
-            raise ValueError(f"min_aspect must be a finite value > 0, got {min_aspect}")
-        max_aspect = 1.0 / min_aspect if max_aspect is None else float(max_aspect)
-        if not (max_aspect >= min_aspect and math.isfinite(max_aspect)):
-            raise ValueError(f"max_aspect must be finite and >= min_aspect ({min_aspect}), got {max_aspect}")
+        min_aspect = _require_real(min_aspect, "min_aspect", greater_than=0.0)
+        if max_aspect is None:
+            max_aspect = 1.0 / min_aspect
+        max_aspect = _require_real(max_aspect, "max_aspect", at_least=min_aspect)  # >= min_aspect, finite
         self.min_aspect, self.max_aspect = min_aspect, max_aspect
         self._log_aspect = (math.log(min_aspect), math.log(max_aspect))
 
@@ -464,14 +464,13 @@ def _context_tensor(ctx: MaskContext, field: str, shape: tuple[int, ...], strate
     value = getattr(ctx, field)
     if value is None:
         raise ValueError(f"the {strategy!r} strategy needs MaskContext.{field}, got None")
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"MaskContext.{field} must be a torch.Tensor, got {type(value).__name__}")
+    name = f"MaskContext.{field}"
+    _require_tensor(value, name)
     if tuple(value.shape) != shape:
         dims = "[B, N, N]" if len(shape) == 3 else "[B, N]"
-        raise ValueError(f"MaskContext.{field} must have shape {dims} = {list(shape)}, got {list(value.shape)}")
-    if not value.is_floating_point():
-        raise ValueError(f"MaskContext.{field} must be a floating-point tensor, got {value.dtype}")
-    return value.detach()
+        raise ValueError(f"{name} must have shape {dims} = {list(shape)}, got {list(value.shape)}")
+    _require_floating(value, name)
+    return _move_to(value.detach(), name, ctx.device)
 
 
 @register_strategy
@@ -489,9 +488,8 @@ class AttnMask(MaskStrategy):
 
     def _mask(self, ctx: MaskContext, progress: float) -> torch.Tensor:
         scores = _context_tensor(ctx, "cls_attn", (ctx.batch_size, ctx.num_patches), self.name)
-        scores = scores.to(device=ctx.device, dtype=torch.float32)
-        if not bool(torch.isfinite(scores).all()):
-            raise ValueError("MaskContext.cls_attn contains NaN or Inf values")
+        scores = scores.to(dtype=torch.float32)
+        _require_finite(scores, "MaskContext.cls_attn")
         tie_noise = draw_noise(ctx.batch_size, ctx.num_patches, ctx.device, ctx.generator)
         return top_k_mask(scores, self.num_mask(ctx.num_patches), tie_noise)
 
@@ -513,7 +511,7 @@ class EHMMask(MaskStrategy):
 
     def _mask(self, ctx: MaskContext, progress: float) -> torch.Tensor:
         n = ctx.num_patches
-        attn = _context_tensor(ctx, "attn", (ctx.batch_size, n, n), self.name).to(ctx.device)
+        attn = _context_tensor(ctx, "attn", (ctx.batch_size, n, n), self.name)
         return hier_mask(attn, self.mask_ratio, progress, generator=ctx.generator).to(ctx.device)
 
 
@@ -531,18 +529,16 @@ class EPMMask(MaskStrategy):
     def __init__(self, mask_ratio: float, num_parts: int | None = None, gamma: float = 2.0, em_iters: int = 10) -> None:
         super().__init__(mask_ratio)
         if num_parts is not None:
-            num_parts = _positive_int(num_parts, "num_parts")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < float(gamma) < math.inf:
-            raise ValueError(f"gamma must be a finite float > 0, got {gamma!r}")
+            num_parts = _require_int(num_parts, "num_parts", minimum=1)
         self.num_parts = num_parts
-        self.gamma = float(gamma)
-        self.em_iters = _positive_int(em_iters, "em_iters", minimum=0)
+        self.gamma = _require_real(gamma, "gamma", greater_than=0.0)
+        self.em_iters = _require_int(em_iters, "em_iters", minimum=0)
 
     def _mask(self, ctx: MaskContext, progress: float) -> torch.Tensor:
         from .epm import part_mask
 
         n = ctx.num_patches
-        attn = _context_tensor(ctx, "attn", (ctx.batch_size, n, n), self.name).to(ctx.device)
+        attn = _context_tensor(ctx, "attn", (ctx.batch_size, n, n), self.name)
         return part_mask(
             attn, self.mask_ratio, progress, num_parts=self.num_parts, gamma=self.gamma, em_iters=self.em_iters,
             generator=ctx.generator, grid=ctx.grid,

@@ -27,7 +27,17 @@ from typing import Any, Callable
 import torch
 
 from .masking import MaskContext, MaskStrategy, random_mask, register_strategy, top_k_mask
-from .ops import draw_noise
+from .ops import (
+    ArgumentTypeError,
+    _module_device,
+    _require_finite,
+    _require_floating,
+    _require_int,
+    _require_same_device,
+    _require_tensor,
+    _require_unit_interval,
+    draw_noise,
+)
 
 __all__ = ["selective_scores", "selective_stage", "SelectiveMask", "mae_patch_errors"]
 
@@ -35,7 +45,11 @@ PatchErrorFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def selective_stage(progress: float, steps: int) -> int:
-    """The step of the schedule at training progress ``t / T``: ``min(S - 1, floor(progress * S))``."""
+    """The step of the schedule at training progress ``t / T``: ``min(S - 1, floor(progress * S))``.
+
+    ``progress`` in [0, 1]; ``steps`` (S) an int >= 1."""
+    progress = _require_unit_interval(progress, "progress", open_interval=False)
+    steps = _require_int(steps, "steps", minimum=1)
     return min(steps - 1, math.floor(progress * steps))
 
 
@@ -45,6 +59,11 @@ def mae_patch_errors(model: torch.nn.Module) -> PatchErrorFn:
     The model must follow this package's MAE interface: ``model(images, mask=mask)`` returns
     ``(loss, pred, mask)`` and ``model.patch_errors(images, pred)`` the per-patch error.
     """
+    if not callable(model) or not callable(getattr(model, "patch_errors", None)):
+        raise ArgumentTypeError(
+            f"model must be an MAE-like module, callable with a patch_errors(images, pred) method, "
+            f"got {type(model).__name__}"
+        )
 
     def errors(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         _, pred, _ = model(images, mask=mask)
@@ -76,19 +95,41 @@ def selective_scores(
     Returns:
         float32 ``[B, N]``; a patch that no pass masked scores ``-inf`` (lowest).
     """
-    if probes < 1:
-        raise ValueError(f"probes must be >= 1, got {probes}")
+    if not callable(patch_errors):
+        raise ArgumentTypeError(
+            f"patch_errors must be a callable (images, mask) -> [B, N], got {type(patch_errors).__name__}"
+        )
+    _check_images(images, "images")
+    num_patches = _require_int(num_patches, "num_patches", minimum=1)
+    mask_ratio = _require_unit_interval(mask_ratio, "mask_ratio", open_interval=True)
+    probes = _require_int(probes, "probes", minimum=1)
     batch = images.shape[0]
     total = torch.zeros(batch, num_patches, device=images.device)
     count = torch.zeros(batch, num_patches, device=images.device)
     for _ in range(probes):
         mask = random_mask(batch, num_patches, mask_ratio, images.device, generator)
-        errors = patch_errors(images, mask).float()
+        errors = patch_errors(images, mask)
+        if not isinstance(errors, torch.Tensor):
+            raise ArgumentTypeError(f"patch_errors must return a torch.Tensor, got {type(errors).__name__}")
         if errors.shape != (batch, num_patches):
             raise ValueError(f"patch_errors must return [B, N] = [{batch}, {num_patches}], got {list(errors.shape)}")
+        _require_same_device(errors, "patch_errors' result", images.device, "images")
+        errors = errors.float()
+        _require_finite(errors, "patch_errors' result")
         total += errors * mask
         count += mask
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, -math.inf))
+
+
+def _check_images(images: Any, name: str, batch: int | None = None) -> None:
+    """images: a floating-point, finite ``[B, C, H, W]`` tensor (``B == batch`` when given)."""
+    _require_tensor(images, name)
+    if images.dim() != 4:
+        raise ValueError(f"{name} must be a [B, C, H, W] tensor, got shape {list(images.shape)}")
+    if batch is not None and images.shape[0] != batch:
+        raise ValueError(f"{name} must hold batch_size = {batch} images, got shape {list(images.shape)}")
+    _require_floating(images, name)
+    _require_finite(images, name)
 
 
 @register_strategy
@@ -111,10 +152,8 @@ class SelectiveMask(MaskStrategy):
 
     def __init__(self, mask_ratio: float, steps: int = 10, probes: int = 5) -> None:
         super().__init__(mask_ratio)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps (S, --selective-steps) must be an int >= 1, got {steps!r}")
-        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-            raise ValueError(f"probes (R, --selective-probes) must be an int >= 1, got {probes!r}")
+        steps = _require_int(steps, "steps (S, --selective-steps)", minimum=1)
+        probes = _require_int(probes, "probes (R, --selective-probes)", minimum=1)
         self.steps, self.probes = steps, probes
         self.stage = 0
         self.snapshot: torch.nn.Module | None = None
@@ -136,6 +175,10 @@ class SelectiveMask(MaskStrategy):
             return random_mask(ctx.batch_size, n, self.mask_ratio, ctx.device, ctx.generator)
         if ctx.images is None or ctx.model is None:
             raise ValueError("selective masking needs ctx.images and ctx.model (the model being trained)")
+        _check_images(ctx.images, "MaskContext.images", batch=ctx.batch_size)
+        model_device = _module_device(ctx.model)
+        if model_device is not None:
+            _require_same_device(ctx.images, "MaskContext.images", model_device, "MaskContext.model")
         if self.snapshot is None or self.stage != stage:
             self._refresh(ctx.model, stage)
         scores = selective_scores(
@@ -145,6 +188,7 @@ class SelectiveMask(MaskStrategy):
         return top_k_mask(scores, self.num_mask(n), tie_noise).to(ctx.device)
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"stage": int, "snapshot": the frozen model's state dict}`` (no snapshot in step 0)."""
         state: dict[str, Any] = {"stage": self.stage}
         if self.snapshot is not None:
             state["snapshot"] = {k: v.detach().clone() for k, v in self.snapshot.state_dict().items()}
@@ -153,11 +197,18 @@ class SelectiveMask(MaskStrategy):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict`; the snapshot is rebuilt at the next call inside that step."""
         if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        self.stage = int(state.get("stage", 0))
+            raise ArgumentTypeError(f"state must be a dict, got {type(state).__name__}")
+        stage = _require_int(state.get("stage", 0), "state['stage']", minimum=0)
+        snapshot = state.get("snapshot")
+        if snapshot is not None and not isinstance(snapshot, dict):
+            raise ArgumentTypeError(
+                f"state['snapshot'] must be a model state dict or None, got {type(snapshot).__name__}"
+            )
+        self.stage = stage
         self.snapshot = None
-        self._pending = state.get("snapshot")
+        self._pending = snapshot
 
     def __repr__(self) -> str:
         return f"SelectiveMask(mask_ratio={self.mask_ratio}, steps={self.steps}, probes={self.probes})"
