@@ -78,12 +78,13 @@ void TreeBuilder::build(const float* sim, int64_t n, int64_t* children, float* h
   nn_.resize(ld);
   active_.resize(ld);
   alive_.resize(ld);
+  rank_.resize(ld);
   block_max_.resize(ld);  // >= ld / kLanes rounded up to whole vectors
   size_.resize(ld);
   node_.resize(ld);
   level_.resize(ld);
   const Workspace ws{matrix_.data(), nn_sim_.data(), nn_.data(), active_.data(), alive_.data(),
-                     block_max_.data(), size_.data(), node_.data(), level_.data()};
+                     rank_.data(), block_max_.data(), size_.data(), node_.data(), level_.data()};
   build_tree(sim, n, ld, ws, children, heights, levels, sizes);
 }
 

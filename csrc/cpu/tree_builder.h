@@ -15,6 +15,7 @@ struct Workspace {
   int32_t* nn;      // [ld] per row: first argmax of its upper triangle, or -1 when stale
   int32_t* active;  // [ld] -1 for an active slot, 0 otherwise (a lane mask)
   int32_t* alive;   // [ld] the active slots, increasing
+  int32_t* rank;    // [ld] scratch for compaction: new slot of each active slot
   float* block_max; // [ld] max of nn_sim over blocks of kLanes rows (the vector width)
   int64_t* size;    // [ld] leaves in the cluster held by each slot
   int64_t* node;    // [ld] tree node id held by each slot
@@ -34,6 +35,7 @@ class TreeBuilder {
   std::vector<int32_t> nn_;
   std::vector<int32_t> active_;
   std::vector<int32_t> alive_;
+  std::vector<int32_t> rank_;
   std::vector<float> block_max_;
   std::vector<int64_t> size_;
   std::vector<int64_t> node_;
