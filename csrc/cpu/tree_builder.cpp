@@ -5,9 +5,8 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#include <xmmintrin.h>
+#if defined(__x86_64__) || defined(__SSE2__)
+#include <immintrin.h>
 #endif
 
 #include "linkage.h"
@@ -44,10 +43,12 @@ constexpr int32_t kLanes = 4;  // SSE2
 #define EVOMASK_TREE_AVX2 1
 #pragma GCC push_options
 #pragma GCC target("avx2")
+#define EVOMASK_TREE_BODY_AVX2 1
 namespace avx2 {
 constexpr int32_t kLanes = 8;
 #include "cpu/tree_builder_body.inc"
 }  // namespace avx2
+#undef EVOMASK_TREE_BODY_AVX2
 #pragma GCC pop_options
 #endif
 #pragma GCC diagnostic pop
