@@ -14,7 +14,7 @@ struct Workspace {
   float* nn_sim;    // [ld] per row: upper bound of its upper-triangle maximum (exact if nn >= 0)
   int32_t* nn;      // [ld] per row: first argmax of its upper triangle, or -1 when stale
   int32_t* active;  // [ld] -1 for an active slot, 0 otherwise (a lane mask)
-  int32_t* alive;   // [ld] the active slots, increasing
+  int32_t* alive;   // [ld] scratch for compaction: the active slots, increasing
   int32_t* rank;    // [ld] scratch for compaction: new slot of each active slot
   float* block_max; // [ld] max of nn_sim over blocks of kLanes rows (the vector width)
   int64_t* size;    // [ld] leaves in the cluster held by each slot
