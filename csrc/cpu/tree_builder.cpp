@@ -23,8 +23,9 @@
 // other bound is <= its maximum, and every row before it has a bound strictly below. So the tree,
 // its merge order and every working value are exactly those of the reference and the CUDA kernel.
 //
-// Merged clusters live in the smaller of the two slots, exactly as in the reference, so the
-// working matrices stay bitwise identical across backends.
+// Merged clusters live in the smaller of the two slots, exactly as in the reference, and
+// compaction (below) only renumbers slots in order, so every cluster-to-cluster value is computed
+// from the same operands as in the reference and stays bitwise identical across backends.
 //
 // The body is vectorised with compiler vector extensions and compiled twice: for the baseline
 // target (SSE2 on x86-64) and, on x86-64 with GCC, for AVX2, picked at run time from the CPU.
