@@ -3,6 +3,10 @@ and bit-exact agreement between the compiled kernels and the pure-PyTorch refere
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import evomask_ext
-from evomask_ext import reference
+from evomask_ext import _loader, reference
 
 from conftest import (
     DEVICES,
@@ -259,3 +263,47 @@ def test_kernel_equals_reference_property(batch, n, scale, shift, seed):
     tree = kernel_tree(sim)
     assert_trees_equal(tree, reference.linkage_tree(sim))
     assert_valid_tree(tree, n)
+
+
+def tied_similarity(batch: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Tie-heavy inputs: few distinct values (integers, quarter steps, fp16-rounded, two-valued)."""
+    kinds = [
+        lambda: torch.randint(0, 3, (n, n), generator=gen).float(),
+        lambda: (torch.rand(n, n, generator=gen) * 4).round() / 4,
+        lambda: torch.rand(n, n, generator=gen).half().float(),
+        lambda: torch.where(torch.rand(n, n, generator=gen) < 0.3, 0.5, 0.25),
+    ]
+    return torch.stack([kinds[b % len(kinds)]() for b in range(batch)])
+
+
+@pytest.mark.parametrize("n", [2, 9, 17, 50, 70])
+def test_kernel_equals_reference_on_ties(n, gen):
+    """The CPU kernel keeps the reference's tie rule (row-major first best pair) exactly, also
+    across the builder's slot compaction and any vector-width remainder."""
+    sim = tied_similarity(8, n, gen)
+    assert_trees_equal(kernel_tree(sim), reference.linkage_tree(sim))
+
+
+_BASELINE_CHECK = """
+import torch, evomask_ext
+from evomask_ext import reference
+g = torch.Generator().manual_seed(0)
+sims = [torch.rand(3, n, n, generator=g) for n in (2, 3, 17, 64, 196)]
+sims.append(torch.randint(0, 3, (4, 50, 50), generator=g).float())
+sims.append(torch.rand(2, 70, 70, generator=g).half().float())
+for s in sims:
+    for got, want in zip(torch.ops.evomask.linkage_tree(s), reference.linkage_tree(s)):
+        assert torch.equal(got, want), s.shape
+print("ok")
+"""
+
+
+@pytest.mark.skipif(
+    _loader.kernel_sources()["linkage_tree"]["CPU"] != "compiled", reason="needs the compiled CPU kernel"
+)
+def test_cpu_baseline_isa_equals_reference():
+    """EVOMASK_CPU_ISA=baseline forces the non-AVX2 build of the CPU tree builder (what a CPU
+    without AVX2 runs); it must build the reference's trees exactly too."""
+    env = {**os.environ, "EVOMASK_CPU_ISA": "baseline"}
+    result = subprocess.run([sys.executable, "-c", _BASELINE_CHECK], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -1,76 +1,93 @@
 #include "cpu/tree_builder.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "linkage.h"
 
+// Generic agglomeration with cached row maxima (Muellner 2011, "Modern hierarchical,
+// agglomerative clustering algorithms", the "generic" algorithm), on the upper triangle:
+// row k caches the first maximum of d[k, j] over active j > k. The best pair in row-major order
+// (the canonical merge, DESIGN.md) is then the first row whose cached maximum is the largest.
+//
+// Caches are lazy. With average linkage a merged value never exceeds the values it replaces
+// (linkage.h), so when a row loses its neighbour its old maximum stays an upper bound of its
+// values; the row is only marked stale (nn = -1) and rescanned when its bound comes out on top.
+// The first row with the largest cached value that is exact is the canonical best row: every
+// other bound is <= its maximum, and every row before it has a bound strictly below. So the tree,
+// its merge order and every working value are exactly those of the reference and the CUDA kernel.
+//
+// Merged clusters live in the smaller of the two slots, exactly as in the reference, and
+// compaction (below) only renumbers slots in order, so every cluster-to-cluster value is computed
+// from the same operands as in the reference and stays bitwise identical across backends.
+//
+// The body is vectorised with compiler vector extensions and compiled twice: for the baseline
+// target (SSE2 on x86-64) and, on x86-64 with GCC, for AVX2, picked at run time from the CPU.
 namespace evomask::cpu {
 
-// Generic agglomeration with cached row maxima (Muellner 2011, "generic" algorithm): each merge
-// updates one row in O(N) and rescans only the rows whose cached neighbour was one of the merged
-// clusters. With average linkage a merged value never exceeds the values it replaces, so no
-// other row's maximum can grow except by an exact tie. Typical O(N^2), worst case O(N^3).
-//
-// Merged clusters live in the smaller of the two slots, exactly as in the reference, so the
-// working matrices stay bitwise identical across backends.
+// The 32-byte vector types cross no ABI boundary (everything below is inlined into build_tree),
+// so GCC's note that they would be passed differently without AVX does not apply.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+namespace baseline {
+constexpr int32_t kLanes = 4;  // SSE2
+#include "cpu/tree_builder_body.inc"
+}  // namespace baseline
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EVOMASK_TREE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define EVOMASK_TREE_BODY_AVX2 1
+namespace avx2 {
+constexpr int32_t kLanes = 8;
+#include "cpu/tree_builder_body.inc"
+}  // namespace avx2
+#undef EVOMASK_TREE_BODY_AVX2
+#pragma GCC pop_options
+#endif
+#pragma GCC diagnostic pop
+
+namespace {
+
+using BuildFn = void (*)(const float*, int64_t, int64_t, const Workspace&, int64_t*, float*, int64_t*, int64_t*);
+
+// EVOMASK_CPU_ISA=baseline forces the baseline build (to test it on an AVX2 machine).
+BuildFn pick_build() {
+#ifdef EVOMASK_TREE_AVX2
+  const char* isa = std::getenv("EVOMASK_CPU_ISA");
+  const bool forced_baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
+  __builtin_cpu_init();
+  if (!forced_baseline && __builtin_cpu_supports("avx2")) return &avx2::build_tree;
+#endif
+  return &baseline::build_tree;
+}
+
+}  // namespace
+
 void TreeBuilder::build(const float* sim, int64_t n, int64_t* children, float* heights, int64_t* levels,
                         int64_t* sizes) {
-  matrix_.resize(static_cast<size_t>(n * n));
-  nn_sim_.assign(n, 0.0f);
-  nn_.assign(n, -1);
-  size_.assign(n, 1);
-  level_.assign(n, 1);
-  active_.assign(n, 1);
-  node_.resize(n);
-  float* d = matrix_.data();
-  for (int64_t i = 0; i < n; ++i) {
-    node_[i] = i;
-    for (int64_t j = 0; j < n; ++j) d[i * n + j] = (sim[i * n + j] + sim[j * n + i]) * 0.5f;
-  }
-  for (int64_t k = 0; k < n; ++k) nearest_neighbour(d + k * n, active_.data(), n, k, &nn_[k], &nn_sim_[k]);
-
-  for (int64_t step = 0; step < n - 1; ++step) {
-    int64_t a = -1;
-    for (int64_t i = 0; i < n; ++i) {
-      if (active_[i] && (a < 0 || nn_sim_[i] > nn_sim_[a])) a = i;
-    }
-    int64_t b = nn_[a];
-    if (b < a) std::swap(a, b);  // the smallest index of a best pair is its row, but stay safe
-
-    const int64_t na = size_[a];
-    const int64_t nb = size_[b];
-    children[2 * step] = std::min(node_[a], node_[b]);
-    children[2 * step + 1] = std::max(node_[a], node_[b]);
-    heights[step] = d[a * n + b];
-    const int64_t level = std::max(level_[a], level_[b]) + 1;
-    if (levels) levels[step] = level;
-    if (sizes) sizes[step] = na + nb;
-
-    for (int64_t k = 0; k < n; ++k) {
-      if (!active_[k] || k == a || k == b) continue;
-      const float v = average_link(d[a * n + k], na, d[b * n + k], nb);
-      d[a * n + k] = v;
-      d[k * n + a] = v;
-    }
-    active_[b] = 0;
-    size_[a] = na + nb;
-    node_[a] = n + step;
-    level_[a] = level;
-
-    nearest_neighbour(d + a * n, active_.data(), n, a, &nn_[a], &nn_sim_[a]);
-    for (int64_t k = 0; k < n; ++k) {
-      if (!active_[k] || k == a) continue;
-      if (nn_[k] == a || nn_[k] == b) {
-        nearest_neighbour(d + k * n, active_.data(), n, k, &nn_[k], &nn_sim_[k]);
-      } else {
-        const float v = d[k * n + a];
-        if (v > nn_sim_[k] || (v == nn_sim_[k] && a < nn_[k])) {
-          nn_[k] = a;
-          nn_sim_[k] = v;
-        }
-      }
-    }
-  }
+  static const BuildFn build_tree = pick_build();
+  const int64_t ld = (n + 7) / 8 * 8;  // rows padded to whole vectors
+  matrix_.resize(static_cast<size_t>(n * ld));
+  nn_sim_.resize(ld);
+  nn_.resize(ld);
+  active_.resize(ld);
+  alive_.resize(ld);
+  rank_.resize(ld);
+  block_max_.resize(ld);  // >= ld / kLanes rounded up to whole vectors
+  size_.resize(ld);
+  node_.resize(ld);
+  level_.resize(ld);
+  const Workspace ws{matrix_.data(), nn_sim_.data(), nn_.data(), active_.data(), alive_.data(),
+                     rank_.data(), block_max_.data(), size_.data(), node_.data(), level_.data()};
+  build_tree(sim, n, ld, ws, children, heights, levels, sizes);
 }
 
 }  // namespace evomask::cpu
