@@ -20,6 +20,11 @@ C10_HOST_DEVICE inline float average_link(float s_ik, int64_t n_i, float s_jk, i
   return static_cast<float>(num / static_cast<double>(n_i + n_j));
 }
 
+// The symmetrised similarity (s_ij + s_ji) / 2, as s_ij / 2 + s_ji / 2: halving first cannot
+// overflow for finite input near float32's limit, and for normal values it is the same correctly
+// rounded result (halving is exact). Needs no FMA contraction, like average_link.
+C10_HOST_DEVICE inline float half_sum(float s_ij, float s_ji) { return s_ij * 0.5f + s_ji * 0.5f; }
+
 // Nearest neighbour of row k among active clusters: the largest similarity, ties to the smallest
 // index. This tie rule makes "the cluster with the best neighbour, smallest index first" pick the
 // same pair as a row-major argmax over the upper triangle, i.e. the reference's rule.

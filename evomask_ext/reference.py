@@ -66,7 +66,7 @@ def linkage_tree(sim: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     rows = torch.arange(batch, device=device)
 
     # Working matrix: slot i holds one current cluster; unused entries are -inf so they never win.
-    d = (s + s.transpose(1, 2)) * 0.5
+    d = s * 0.5 + s.transpose(1, 2) * 0.5  # halved first: no overflow near float32's limit (linkage.h half_sum)
     upper = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
     d = d.masked_fill(~upper & ~upper.T, -math.inf)  # the diagonal
     size = torch.ones(batch, n, dtype=torch.long, device=device)
@@ -216,8 +216,13 @@ def _log_gaussian_diag(x: torch.Tensor, means: torch.Tensor, variances: torch.Te
 def _e_step(x, means, variances, weights):
     """EPM Eq. 12-13: log responsibilities [B, N, K] and the mean log-likelihood per point [B]."""
     weighted = _log_gaussian_diag(x, means, variances) + weights.log()[:, None, :]
-    log_norm = torch.logsumexp(weighted, dim=-1)
-    return weighted - log_norm[..., None], log_norm.mean(dim=1)
+    # log-sum-exp by hand, subtracting (w - best) - log(sum): for a point far from every mean, best
+    # is ~1e21 and best + log(sum) would round log(sum) away, leaving rows that do not sum to one.
+    best = weighted.amax(dim=-1, keepdim=True)
+    shifted = weighted - best
+    log_sum = shifted.exp().sum(dim=-1, keepdim=True).log()
+    log_norm = (best + log_sum).squeeze(-1)
+    return shifted - log_sum, log_norm.mean(dim=1)
 
 
 def _m_step(x, resp, reg_covar):

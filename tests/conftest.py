@@ -14,6 +14,7 @@ any code of the package.
 
 from __future__ import annotations
 
+import collections
 import os
 import warnings
 import zlib
@@ -110,9 +111,10 @@ def distinct_noise(batch: int, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def symmetrize32(sim: torch.Tensor) -> torch.Tensor:
-    """The op's symmetrization, ``(S + S^T) * 0.5`` in float32, for one [N, N] matrix."""
+    """The op's symmetrization, ``S * 0.5 + S^T * 0.5`` in float32 (halved first, so finite input
+    near float32's limit stays finite), for one [N, N] matrix."""
     s = sim.to(torch.float32)
-    return (s + s.T) * 0.5
+    return s * 0.5 + s.T * 0.5
 
 
 def leaf_sets(children, n: int) -> list[frozenset]:
@@ -246,3 +248,30 @@ def sklearn_fit(xb: np.ndarray, init: np.ndarray, num_iters: int, reg: float) ->
         warnings.simplefilter("ignore", ConvergenceWarning)
         gm.fit(xb)
     return gm
+
+
+# --------------------------------------------------------------------------------------------
+# Fuzzing statistics (tests/test_fuzz.py)
+# --------------------------------------------------------------------------------------------
+
+#: Executed generated cases of tests/test_fuzz.py, per op (incremented in each test body).
+FUZZ_CASES: collections.Counter = collections.Counter()
+#: How often each conditional oracle of tests/test_fuzz.py ran (reference, scipy, sklearn, ...).
+FUZZ_CHECKS: collections.Counter = collections.Counter()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Prints the number of executed fuzz cases (and writes it to ``$EVOMASK_FUZZ_COUNT_FILE``)."""
+    total = sum(FUZZ_CASES.values())
+    path = os.environ.get("EVOMASK_FUZZ_COUNT_FILE")
+    if path:
+        with open(path, "w") as f:
+            f.write(f"{total}\n")
+    if not FUZZ_CASES:
+        return
+    profile = os.environ.get("EVOMASK_FUZZ_PROFILE", "ci")
+    terminalreporter.section("evomask fuzz cases")
+    per_op = ", ".join(f"{op} {count}" for op, count in sorted(FUZZ_CASES.items()))
+    terminalreporter.write_line(f"{total} generated cases executed (profile {profile}): {per_op}")
+    for check, count in sorted(FUZZ_CHECKS.items()):
+        terminalreporter.write_line(f"  {check}: {count}")

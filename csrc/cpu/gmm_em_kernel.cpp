@@ -112,9 +112,11 @@ class MixtureFitter {
       }
       double sum = 0.0;
       for (int64_t j = 0; j < k_; ++j) sum += std::exp(lr[j] - best);
-      const double lse = best + std::log(sum);
-      for (int64_t j = 0; j < k_; ++j) lr[j] -= lse;
-      total += lse;
+      // (lr - best) - log(sum), not lr - (best + log(sum)): for a point far from every mean,
+      // best is ~1e21 and would swallow log(sum), leaving rows that do not sum to one.
+      const double log_sum = std::log(sum);
+      for (int64_t j = 0; j < k_; ++j) lr[j] = (lr[j] - best) - log_sum;
+      total += best + log_sum;
     }
     return total / static_cast<double>(n_);
   }

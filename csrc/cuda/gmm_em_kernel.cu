@@ -111,9 +111,10 @@ __device__ double e_step(const float* __restrict__ x, const float* __restrict__ 
     for (int j = 0; j < k; ++j) best = fmaxf(best, row[j]);
     float sum = 0.f;
     for (int j = 0; j < k; ++j) sum += expf(row[j] - best);
-    const float lse = best + logf(sum);
-    for (int j = 0; j < k; ++j) row[j] -= lse;
-    ll += lse;
+    // (row - best) - log(sum): subtracting best + log(sum) at once loses log(sum) for far points.
+    const float log_sum = logf(sum);
+    for (int j = 0; j < k; ++j) row[j] = (row[j] - best) - log_sum;
+    ll += best + log_sum;
   }
   return block_sum(ll, broadcast) / n;  // block_sum synchronises
 }

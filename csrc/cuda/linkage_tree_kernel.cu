@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t idx = threadIdx.x; idx < n * n; idx += blockDim.x) {
     const int64_t i = idx / n;
     const int64_t j = idx - i * n;
-    d[idx] = (s[i * n + j] + s[j * n + i]) * 0.5f;
+    d[idx] = half_sum(s[i * n + j], s[j * n + i]);
   }
   for (int64_t k = threadIdx.x; k < n; k += blockDim.x) {
     active[k] = 1;
