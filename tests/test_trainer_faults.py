@@ -420,15 +420,24 @@ def recorded_masks(monkeypatch) -> list[torch.Tensor]:
     return masks
 
 
+CUDA_DETERMINISTIC = pytest.param(
+    "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA_DETERMINISTIC])
 @pytest.mark.parametrize("strategy", ["ehm", "epm", "random"])
-def test_same_seed_same_masks_and_losses_on_cpu(tmp_path, monkeypatch, strategy):
+def test_same_seed_same_masks_and_losses(tmp_path, monkeypatch, strategy, device):
+    """Same seed, same device: identical masks, losses and weights (on CUDA with --deterministic)."""
     masks = recorded_masks(monkeypatch)
-    common = ["--mask", strategy, "--epochs", "2", "--max-steps", "5"]
+    common = ["--mask", strategy, "--epochs", "2", "--max-steps", "5", "--device", device]
+    if device == "cuda":
+        common.append("--deterministic")
     runs = {}
     for name, seed in (("a", "7"), ("b", "7"), ("other-seed", "8")):
         masks.clear()
         run(tmp_path / name, *common, "--seed", seed)
-        runs[name] = ([m for m in masks], (tmp_path / name / "metrics.csv").read_text().splitlines())
+        runs[name] = ([m.cpu() for m in masks], (tmp_path / name / "metrics.csv").read_text().splitlines())
     masks_a, log_a = runs["a"]
     masks_b, log_b = runs["b"]
     assert len(masks_a) == len(masks_b) >= 5
@@ -482,3 +491,18 @@ def test_bad_configurations_stop_with_the_flag_named(tmp_path, argv, expected, c
     err = capsys.readouterr().err
     message = err if exit_info.value.code == 3 else str(exit_info.value.code)
     assert re.search(expected, message), (exit_info.value.code, err)
+
+
+def test_deterministic_flag_is_scoped_to_the_run(tmp_path, monkeypatch):
+    seen = []
+    real_call = train_module.StepMasker.__call__
+
+    def call(self, imgs, tokens, model):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real_call(self, imgs, tokens, model)
+
+    monkeypatch.setattr(train_module.StepMasker, "__call__", call)
+    assert not torch.are_deterministic_algorithms_enabled()
+    run(tmp_path, "--mask", "ehm", "--epochs", "1", "--max-steps", "2", "--deterministic")
+    assert seen and all(seen)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -324,13 +324,26 @@ def _jsonable_args(args: argparse.Namespace) -> dict:
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Runs pretraining as configured by ``args`` (see :func:`build_parser`); returns a summary."""
-    rank, world, device = _init_distributed(args.device)
-    is_main = rank == 0
-    out = Path(args.output_dir)
+    """Runs pretraining as configured by ``args`` (see :func:`build_parser`); returns a summary.
+
+    Raises :class:`TrainingStopped` (and its :class:`NonFiniteError`) when the run cannot go on;
+    the checkpoints written before are untouched. With ``args.deterministic`` PyTorch's
+    deterministic mode is on for the run and restored afterwards.
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)
+    try:
+        return _train(args)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(args: argparse.Namespace) -> dict:
+    rank, world, device = _init_distributed(args.device)
+    is_main = rank == 0
+    out = Path(args.output_dir)
     if is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
