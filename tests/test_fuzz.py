@@ -58,6 +58,9 @@ from hypothesis import strategies as st
 import evomask_ext
 from evomask_ext import reference
 
+#: Where a GPU is present, every case also runs the CUDA kernel and checks it against the CPU one.
+HAS_CUDA = torch.cuda.is_available()
+
 from conftest import (
     FUZZ_CASES,
     FUZZ_CHECKS,
@@ -424,6 +427,9 @@ def test_fuzz_linkage_tree(spec: SimSpec):
             if replay.gap > 2 * replay.tol:
                 assert_matches_scipy(sim32[b], children[b], heights[b], replay.tol)
                 FUZZ_CHECKS["linkage_tree: well-separated image == scipy"] += 1
+    if HAS_CUDA:  # same arithmetic and tie rule on the GPU: the CPU tree bit for bit
+        assert_trees_equal([t.cpu() for t in op(sim.cuda())], tree, "CUDA vs CPU: ")
+        FUZZ_CHECKS["linkage_tree: CUDA == CPU"] += 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,6 +583,9 @@ def test_fuzz_hier_mask(spec: HierSpec):
         want = reference.hier_mask(attn, noise, ratio, progress)
         assert torch.equal(mask[tie_free], want[tie_free]), "tie-free images vs reference"
         FUZZ_CHECKS["hier_mask: tie-free image == reference"] += len(tie_free)
+    if HAS_CUDA:
+        assert torch.equal(op(attn.cuda(), noise.cuda(), ratio, progress).cpu(), mask), "CUDA vs CPU"
+        FUZZ_CHECKS["hier_mask: CUDA == CPU"] += 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -840,6 +849,9 @@ def test_fuzz_gmm_em(spec: GmmSpec):
     out = op(x, init, iters, reg)
     x32, init32 = x.float().contiguous(), init.float().contiguous()
     assert_valid_mixture(out, x32, k, iters, reg)
+    if HAS_CUDA:  # float32 on the GPU vs float64 on the CPU: the contract's properties, not equality
+        assert_valid_mixture([t.cpu() for t in op(x.cuda(), init.cuda(), iters, reg)], x32, k, iters, reg)
+        FUZZ_CHECKS["gmm_em: CUDA output valid"] += 1
 
     assert_mixtures_equal(evomask_ext.gmm_em(x, init, num_iters=iters, reg_covar=reg), out, "wrapper: ")
     if x.dtype != torch.float32 or init.dtype != torch.float32 or not (x.is_contiguous() and init.is_contiguous()):
