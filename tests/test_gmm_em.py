@@ -682,3 +682,33 @@ def test_wrapper_type_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(TypeError, match=match):
         evomask_ext.gmm_em(**args)
+
+
+_BASELINE_FIT = """
+import sys, torch, evomask_ext
+x, init = torch.load(sys.argv[1])
+torch.save(list(torch.ops.evomask.gmm_em(x, init, 10, 1e-6)), sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(
+    evomask_ext.kernel_sources()["gmm_em"]["CPU"] != "compiled", reason="needs the compiled CPU kernel"
+)
+def test_cpu_baseline_isa_agrees_with_the_default(tmp_path, gen):
+    """EVOMASK_CPU_ISA=baseline forces the non-AVX2 build of the CPU fitter (what a CPU without
+    AVX2/FMA runs). Both are float64 inside, so their float32 outputs agree to a few ulps."""
+    import os
+    import subprocess
+    import sys
+
+    x = attention_rows(3, 64, gen)
+    init = random_rows(x, 10, gen)
+    torch.save((x, init), tmp_path / "inputs.pt")
+    env = {**os.environ, "EVOMASK_CPU_ISA": "baseline"}
+    done = subprocess.run([sys.executable, "-c", _BASELINE_FIT, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    baseline = torch.load(tmp_path / "out.pt")
+    default = torch.ops.evomask.gmm_em(x, init, 10, 1e-6)
+    for name, got, want in zip(("resp", "means", "variances", "weights", "log_likelihood"), default, baseline):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
