@@ -3,7 +3,7 @@
 # required, run the CUDA kernels under compute-sanitizer, then the benchmark suite.
 # Results land in $OUT (the device tool's folder) or bench/results/gpu-<date>.
 #
-#   bash scripts/gpu_run.sh [steps...]     steps: build tests sanitize bench profile (default: all)
+#   bash scripts/gpu_run.sh [steps...]     steps: build tests sanitize bench profile ncu (default: all)
 #
 # Uses the machine's python3 and its torch (no network there). Extra wheels (fastcluster) are
 # installed from .whl/ when that folder exists.
@@ -15,7 +15,7 @@ LOGS=$(mktemp -d)
 mkdir -p "$OUT"
 trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" .' EXIT
 export PYTHONUNBUFFERED=1
-STEPS=${*:-build tests sanitize bench profile}
+STEPS=${*:-build tests sanitize bench profile ncu}
 PY=python3
 status=0
 
@@ -86,5 +86,13 @@ fi
 if [[ " $STEPS " == *" profile "* ]] && [ -f bench/profile_step.py ]; then
   $PY bench/profile_step.py ${PROFILE_ARGS:-} --out "$OUT/profile" >"$LOGS/profile.log" 2>&1
   rc=$?; tail -20 "$LOGS/profile.log"; echo "profile rc=$rc"; [ $rc -eq 0 ] || status=1
+fi
+if [[ " $STEPS " == *" ncu "* ]] && command -v ncu >/dev/null; then
+  # Nsight Compute on one launch of each hot kernel (bench/ncu_target.py): speed of light,
+  # occupancy and launch figures; the full report comes back in logs.tgz.
+  timeout ${NCU_TIMEOUT:-300} ncu --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section MemoryWorkloadAnalysis -k "regex:linkage_tree_kernel|select_kernel|gmm_em_kernel" $PY bench/ncu_target.py >"$LOGS/ncu.log" 2>&1
+  rc=$?; grep -E "^  [a-z_].*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Shared Memory Config|Block Size|Grid Size" \
+    "$LOGS/ncu.log" | tee "$OUT/ncu.txt"; echo "ncu rc=$rc"; [ $rc -eq 0 ] || status=1
 fi
 exit $status
