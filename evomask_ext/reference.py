@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from ._checks import _require_int, _require_tensor, _require_unit_interval
+
 __all__ = ["linkage_tree", "hier_mask", "gmm_em", "masked_count", "mask_depth", "group_labels"]
 
 
@@ -44,12 +46,16 @@ def _similarity_as_float(sim: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def masked_count(n: int, mask_ratio: float) -> int:
-    """MAE's rule: keep ``int(N * (1 - r))`` patches, mask the rest."""
+    """MAE's rule: keep ``int(N * (1 - r))`` patches, mask the rest (``n`` >= 0, ``r`` in (0, 1))."""
+    n = _require_int(n, "n", minimum=0)
+    mask_ratio = _require_unit_interval(mask_ratio, "mask_ratio", open_interval=True)
     return n - int(n * (1.0 - mask_ratio))
 
 
 def mask_depth(tree_height: int, progress: float) -> int:
-    """EHM's depth schedule ``h = min(l, 1 + floor(l * t / T))`` (Sec. IV-C)."""
+    """EHM's depth schedule ``h = min(l, 1 + floor(l * t / T))`` (Sec. IV-C); ``l`` >= 1, ``t / T`` in [0, 1]."""
+    tree_height = _require_int(tree_height, "tree_height", minimum=1)
+    progress = _require_unit_interval(progress, "progress", open_interval=False)
     return min(tree_height, 1 + math.floor(tree_height * progress))
 
 
@@ -133,8 +139,19 @@ def _leaves_left_to_right(children: list[list[int]], n: int, v: int) -> list[int
 def group_labels(children: torch.Tensor, levels: torch.Tensor, depth: int) -> torch.Tensor:
     """Patch -> group id [B, N] for the groups at ``depth`` (the partition ``hier_mask`` masks).
 
-    Groups are numbered per image in left-to-right order of their first leaf.
+    Groups are numbered per image in left-to-right order of their first leaf. ``children`` and
+    ``levels`` are ``linkage_tree``'s ``[B, N-1, 2]`` and ``[B, N-1]`` integer outputs.
     """
+    _require_tensor(children, "children")
+    _require_tensor(levels, "levels")
+    if children.dim() != 3 or children.shape[-1] != 2 or children.dtype.is_floating_point:
+        raise ValueError(f"children must be an integer [B, N-1, 2] tensor, got {children.dtype}{list(children.shape)}")
+    if levels.shape != children.shape[:2] or levels.dtype.is_floating_point:
+        raise ValueError(
+            f"levels must be an integer [B, N-1] tensor matching children {list(children.shape)}, "
+            f"got {levels.dtype}{list(levels.shape)}"
+        )
+    depth = _require_int(depth, "depth", minimum=1)
     batch, n = children.shape[0], children.shape[1] + 1
     labels = torch.empty(batch, n, dtype=torch.long)
     for img in range(batch):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import evomask_ext
-from evomask_ext import EvolvedMasker, adapters, attention, epm, masking, selective
+from evomask_ext import EvolvedMasker, adapters, attention, epm, masking, reference, selective
 from evomask_ext.masking import STRATEGIES, MaskContext, build_strategy
 from evomask_ext.ops import ArgumentTypeError
 
@@ -342,6 +342,32 @@ table(evomask_ext.num_parts_schedule, lambda g: dict(progress=0.5), "num_parts_s
     *fraction_rows("progress", open_interval=False),
     *int_rows("start", 1),
     *int_rows("end", 1),
+])
+
+# the reference's oracle helpers -----------------------------------------------------------------
+table(reference.masked_count, lambda g: dict(n=N, mask_ratio=0.75), "reference.masked_count", [
+    *int_rows("n", 0),
+    *fraction_rows("mask_ratio", open_interval=True),
+])
+table(reference.mask_depth, lambda g: dict(tree_height=5, progress=0.5), "reference.mask_depth", [
+    *int_rows("tree_height", 1),
+    *fraction_rows("progress", open_interval=False),
+])
+
+
+def oracle_tree_of(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    children, _, levels, _ = reference.linkage_tree(attn_of(g))
+    return children, levels
+
+
+table(reference.group_labels, lambda g: dict(children=oracle_tree_of(g)[0], levels=oracle_tree_of(g)[1], depth=2),
+      "reference.group_labels", [
+    ("children-ndarray", dict(children=np.zeros((B, N - 1, 2), np.int64)), TE, r"^children must be a torch\.Tensor"),
+    ("children-rank-2", dict(children=lambda g: oracle_tree_of(g)[0][0]), VE, r"^children must be an integer \[B, N-1, 2\]"),
+    ("children-float", dict(children=lambda g: oracle_tree_of(g)[0].float()), VE, r"^children must be an integer"),
+    ("levels-wrong-shape", dict(levels=lambda g: oracle_tree_of(g)[1][:, :-1]), VE, r"^levels must be an integer \[B, N-1\]"),
+    ("levels-float", dict(levels=lambda g: oracle_tree_of(g)[1].float()), VE, r"^levels must be an integer"),
+    *int_rows("depth", 1),
 ])
 
 # part_mask (more in tests/test_epm.py) --------------------------------------------------------

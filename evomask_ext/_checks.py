@@ -1,0 +1,158 @@
+"""Argument checks shared by every public function of the package (ops, reference, masking, epm,
+selective, adapters, attention, masker). Each message starts with the argument's name and says what
+was expected, so a mistake is reported where it is made, never as a kernel's IndexError.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong Python type (e.g. ``2.5`` or ``True`` where an int is expected).
+
+    A :class:`TypeError`; also a :class:`ValueError`, because several checks raised ValueError for
+    wrong types before they were unified, and callers may catch that."""
+
+
+def _require_tensor(value: Any, name: str) -> torch.Tensor:
+    """``value`` if it is a tensor; ArgumentTypeError naming ``name`` otherwise."""
+    if not isinstance(value, torch.Tensor):
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def _is_real_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _require_real(
+    value: Any, name: str, *, greater_than: float | None = None, at_least: float | None = None, finite: bool = True
+) -> float:
+    """``value`` as a float (Python or NumPy number, not bool, not a tensor), optionally finite and
+    above a bound; ArgumentTypeError for non-numbers, ValueError otherwise. Messages read
+    ``"{name} must be a finite float > 0, got ..."``."""
+    expected = "a finite float" if finite else "a float"
+    if greater_than is not None:
+        expected += f" > {greater_than:g}"
+    if at_least is not None:
+        expected += f" >= {at_least:g}"
+    if not _is_real_number(value):
+        raise ArgumentTypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    ok = not math.isnan(value)  # NaN is in no range
+    ok = ok and (not finite or math.isfinite(value))
+    ok = ok and (greater_than is None or value > greater_than)
+    ok = ok and (at_least is None or value >= at_least)
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value
+
+
+def _require_unit_interval(value: Any, name: str, *, open_interval: bool) -> float:
+    """``value`` as a float in (0, 1) (``open_interval``) or [0, 1]; NaN is out of range."""
+    if not _is_real_number(value):
+        raise ArgumentTypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    ok = 0.0 < value < 1.0 if open_interval else 0.0 <= value <= 1.0  # False for NaN
+    if not ok:
+        interval = "the open interval (0, 1)" if open_interval else "[0, 1]"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+def _require_int(
+    value: Any, name: str, *, minimum: int | None = None, maximum: int | None = None, hint: str = ""
+) -> int:
+    """``value`` as an int (Python or NumPy integer, not bool) in ``[minimum, maximum]``.
+
+    Wrong type: ArgumentTypeError; out of range: ValueError. Both messages read
+    ``"{name} must be an int >= minimum ..., got value"``."""
+    if minimum is not None and maximum is not None:
+        expected = f"an int in [{minimum}, {maximum}]"
+    elif minimum is not None:
+        expected = f"an int >= {minimum}"
+    elif maximum is not None:
+        expected = f"an int <= {maximum}"
+    else:
+        expected = "an int"
+    expected += hint
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return value
+
+
+def _require_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _require_device(value: Any, name: str = "device") -> torch.device:
+    """``value`` as a ``torch.device`` (a device, a string such as ``"cuda:0"``, or an index)."""
+    if isinstance(value, bool) or not isinstance(value, (torch.device, str, int)):
+        raise ArgumentTypeError(f"{name} must be a torch.device or a device string, got {type(value).__name__}")
+    try:
+        return torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a torch.device or a device string such as 'cpu', got {value!r}") from exc
+
+
+def _require_generator(value: Any, name: str = "generator") -> torch.Generator | None:
+    if value is not None and not isinstance(value, torch.Generator):
+        raise ArgumentTypeError(f"{name} must be a torch.Generator or None, got {type(value).__name__}")
+    return value
+
+
+def _require_shape(tensor: torch.Tensor, name: str, shape: tuple[int, ...], dims: str) -> None:
+    """``tensor.shape == shape``; ``dims`` names the layout, e.g. ``"[B, N]"``."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {dims} = {list(shape)}, got {list(tensor.shape)}")
+
+
+def _require_floating(tensor: torch.Tensor, name: str) -> None:
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+
+
+def _require_finite(tensor: torch.Tensor, name: str, *, allow_inf: bool = False) -> None:
+    """No NaN (and no Inf unless ``allow_inf``) in ``tensor``. Meta tensors hold no values and pass:
+    they only trace shapes."""
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return
+    if allow_inf:
+        if bool(torch.isnan(tensor).any()):
+            raise ValueError(f"{name} contains NaN values")
+    elif not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _require_same_device(tensor: torch.Tensor, name: str, device: torch.device, other: str) -> None:
+    """``tensor`` on ``device`` (that of ``other``); e.g. a CPU tensor mixed with a meta one."""
+    if tensor.device != device:
+        raise ValueError(f"{name} must be on the same device as {other} ({device}), got {tensor.device}")
+
+
+def _move_to(tensor: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
+    """``tensor.to(device)``; a meta tensor (shapes only, no data) cannot be moved to a real device."""
+    if tensor.device.type == "meta" and device.type != "meta":
+        raise ValueError(f"{name} is on the meta device (no data) and cannot be moved to {device}")
+    return tensor.to(device)
+
+
+def _module_device(module: Any) -> torch.device | None:
+    """The device of a module's first parameter or buffer (None when it has neither)."""
+    if isinstance(module, torch.nn.Module):
+        for tensor in module.parameters():
+            return tensor.device
+        for tensor in module.buffers():
+            return tensor.device
+    return None
