@@ -48,17 +48,18 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut-off write has no directory
-        raise RuntimeError(
-            f"checkpoint {path} is unreadable or corrupt: not a complete torch.save archive "
-            f"({path.stat().st_size} bytes; truncated or overwritten)"
-        )
-    # torch.load does not check the archive's CRCs: a flipped bit in a tensor would load silently.
+    # torch.save writes a zip archive: a cut-off write has no central directory, and torch.load
+    # does not check the members' CRCs (a flipped bit in a tensor would load silently).
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        damaged = f"? ({exc})"
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise RuntimeError(
+            f"checkpoint {path} is unreadable or corrupt: not a complete torch.save archive "
+            f"({path.stat().st_size} bytes; truncated or overwritten)"
+        ) from exc
+    except OSError as exc:
+        raise RuntimeError(f"checkpoint {path} is unreadable or corrupt: {exc}") from exc
     if damaged is not None:
         raise RuntimeError(f"checkpoint {path} is unreadable or corrupt: member {damaged} fails its CRC check")
     try:
