@@ -8,11 +8,10 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/cpu_isa.h"
 
 namespace evomask::cpu {
 namespace {
@@ -44,10 +43,7 @@ using FitFn = void (*)(int64_t, int64_t, const FitArgs&);
 
 FitFn pick_fit() {
 #ifdef EVOMASK_GMM_AVX2
-  const char* isa = std::getenv("EVOMASK_CPU_ISA");
-  const bool forced_baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
-  __builtin_cpu_init();
-  if (!forced_baseline && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return &avx2::fit_items;
+  if (use_avx2(/*with_fma=*/true)) return &avx2::fit_items;
 #endif
   return &baseline::fit_items;
 }

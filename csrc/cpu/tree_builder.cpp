@@ -9,6 +9,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu/cpu_isa.h"
 #include "linkage.h"
 
 // Generic agglomeration with cached row maxima (Muellner 2011, "Modern hierarchical,
@@ -58,13 +59,9 @@ namespace {
 
 using BuildFn = void (*)(const float*, int64_t, int64_t, const Workspace&, int64_t*, float*, int64_t*, int64_t*);
 
-// EVOMASK_CPU_ISA=baseline forces the baseline build (to test it on an AVX2 machine).
 BuildFn pick_build() {
 #ifdef EVOMASK_TREE_AVX2
-  const char* isa = std::getenv("EVOMASK_CPU_ISA");
-  const bool forced_baseline = isa != nullptr && std::strcmp(isa, "baseline") == 0;
-  __builtin_cpu_init();
-  if (!forced_baseline && __builtin_cpu_supports("avx2")) return &avx2::build_tree;
+  if (use_avx2(/*with_fma=*/false)) return &avx2::build_tree;
 #endif
   return &baseline::build_tree;
 }
