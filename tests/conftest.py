@@ -55,6 +55,14 @@ def seed(request) -> int:
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """torch.compile tests start and end with dynamo's caches cleared (no graph leaks between tests)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def gen(seed) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded per test; draw every random input from it."""
     return torch.Generator().manual_seed(seed)

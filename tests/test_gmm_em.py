@@ -443,13 +443,6 @@ def test_opcheck(device, gen):
         torch.library.opcheck(torch.ops.evomask.gmm_em.default, args)
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def test_compile_matches_eager(fresh_dynamo, gen):
     """torch.compile(fullgraph=True) of a function calling evomask_ext.gmm_em (with torch ops on
     both sides) gives eager's results, on two batch sizes."""

@@ -225,13 +225,6 @@ def test_opcheck(op, gen):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def test_compile_hier_mask_op(fresh_dynamo, gen):
     """torch.compile(fullgraph=True) around torch.ops.evomask.hier_mask gives the eager mask."""
 
