@@ -1,6 +1,7 @@
 """Benchmark suite: every evomask op on every available backend, next to the anchors.
 
-Backends (each where it can run): ``cuda`` (compiled kernel), ``reference-cuda`` (the pure-PyTorch
+Backends (each where it can run): ``cuda`` (compiled kernel), ``cuda-warp`` (the trees with
+``EVOMASK_CUDA_TREE=warp``: one warp per image), ``reference-cuda`` (the pure-PyTorch
 reference on the GPU), ``cpu`` (compiled kernel, all threads), ``cpu-1t`` (compiled kernel, one
 thread), ``reference-cpu``; anchors on the same inputs: scipy ``linkage``, ``fastcluster``,
 scikit-learn ``GaussianMixture`` and a plain Python-loop average linkage.
@@ -41,7 +42,9 @@ def compiled(op: str, backend: str) -> bool:
 
 
 # Speed-ups are reported against the reference on the same device.
-REFERENCE_OF = {"cuda": "reference-cuda", "cpu": "reference-cpu", "cpu-1t": "reference-cpu"}
+REFERENCE_OF = {"cuda": "reference-cuda", "cuda-warp": "reference-cuda", "cpu": "reference-cpu", "cpu-1t": "reference-cpu"}
+# The warp-per-image CUDA tree kernel (csrc/cuda/tree_warp_kernel.cu), timed next to the default.
+WARP_TREE = {"EVOMASK_CUDA_TREE": "warp"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,8 +141,15 @@ def time_call(fn: Callable[[], object], device: str, min_time: float, max_reps: 
 class Case:
     """One (op, backend) callable on a batch; ``batched`` ones take the whole batch at once."""
 
-    def __init__(self, backend: str, device: str, make: Callable[[int], Callable[[], object]], threads: int | None = None):
-        self.backend, self.device, self.make, self.threads = backend, device, make, threads
+    def __init__(
+        self,
+        backend: str,
+        device: str,
+        make: Callable[[int], Callable[[], object]],
+        threads: int | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.backend, self.device, self.make, self.threads, self.env = backend, device, make, threads, env or {}
 
 
 def run_case(case: Case, batch: int, estimate: float | None, budget: float, min_time: float, max_reps: int):
@@ -148,13 +158,20 @@ def run_case(case: Case, batch: int, estimate: float | None, budget: float, min_
     if estimate is not None and estimate > budget:
         sub = max(1, int(batch * budget / estimate))
     prev_threads = torch.get_num_threads()
+    prev_env = {name: os.environ.get(name) for name in case.env}
     if case.threads is not None:
         torch.set_num_threads(case.threads)
+    os.environ.update(case.env)
     try:
         fn = case.make(sub)
         times = time_call(fn, case.device, min_time, max_reps)
     finally:
         torch.set_num_threads(prev_threads)
+        for name, value in prev_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     median = statistics.median(times) * batch / sub
     return {"ms": median * 1e3, "reps": len(times), "sub_batch": sub, "extrapolated": sub != batch}
 
@@ -172,6 +189,10 @@ def linkage_cases(n: int, devices: list[str], seed: int, max_python_n: int) -> l
             cases.append(Case(tag, device, lambda b, d=device: (lambda s=attention_like(b, n, seed, d): op(s))))
             if device == "cpu":
                 cases.append(Case("cpu-1t", device, lambda b: (lambda s=attention_like(b, n, seed, "cpu"): op(s)), threads=1))
+            else:
+                cases.append(
+                    Case("cuda-warp", device, lambda b, d=device: (lambda s=attention_like(b, n, seed, d): op(s)), env=WARP_TREE)
+                )
         cases.append(
             Case(f"reference-{tag}", device, lambda b, d=device: (lambda s=attention_like(b, n, seed, d): reference.linkage_tree(s)))
         )
@@ -219,6 +240,10 @@ def hier_mask_cases(n: int, devices: list[str], seed: int, ratio: float = 0.75, 
             if device == "cpu":
                 cases.append(
                     Case("cpu-1t", device, lambda b, inputs=inputs: (lambda a=inputs(b): op(a[0], a[1], ratio, progress)), threads=1)
+                )
+            else:
+                cases.append(
+                    Case("cuda-warp", device, lambda b, inputs=inputs: (lambda a=inputs(b): op(a[0], a[1], ratio, progress)), env=WARP_TREE)
                 )
         cases.append(
             Case(
@@ -421,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         if ref:
             r["speedup_vs_reference"] = ref["ms"] / r["ms"]
         anchor = by_key.get((r["op"], r["config"], ANCHOR_OF.get(r["op"], "")))
-        if anchor and r["backend"] in ("cuda", "cpu", "cpu-1t"):
+        if anchor and r["backend"] in ("cuda", "cuda-warp", "cpu", "cpu-1t"):
             r["speedup_vs_anchor"] = anchor["ms"] / r["ms"]
     print()
     print_table(rows)

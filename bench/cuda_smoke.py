@@ -9,12 +9,18 @@ real bounds. Exits non-zero on the first disagreement.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
 
 import evomask_ext
 from evomask_ext import _loader
+
+
+# Both CUDA tree kernels (csrc/cuda/linkage_tree_kernel.cu, tree_warp_kernel.cu); (1, 400) is
+# past the warp kernel's shared memory, where it hands over to the block kernel.
+TREE_KERNELS = ("block", "warp")
 
 
 def main() -> int:
@@ -24,22 +30,25 @@ def main() -> int:
     sources = _loader.kernel_sources()
     gen = torch.Generator().manual_seed(0)
     checked = 0
-    for batch, n in [(1, 2), (3, 3), (2, 17), (4, 64), (2, 196), (1, 300)]:
+    for batch, n in [(1, 2), (3, 3), (2, 17), (4, 64), (2, 196), (1, 300), (1, 400)]:
         sim = torch.randn(batch, n, n, generator=gen).softmax(-1)
         noise = torch.rand(batch, n, generator=gen)
-        if sources["linkage_tree"]["CUDA"] == "compiled":
-            got = torch.ops.evomask.linkage_tree(sim.cuda())
-            want = torch.ops.evomask.linkage_tree(sim)
-            for g, w in zip(got, want):
-                torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0)
-            checked += 1
-        if sources["hier_mask"]["CUDA"] == "compiled":
-            for progress in (0.0, 0.5, 1.0):
-                got = torch.ops.evomask.hier_mask(sim.cuda(), noise.cuda(), 0.75, progress)
-                want = torch.ops.evomask.hier_mask(sim, noise, 0.75, progress)
-                assert torch.equal(got.cpu(), want), (batch, n, progress)
-            checked += 1
-        if sources["gmm_em"]["CUDA"] == "compiled":
+        for tree_kernel in TREE_KERNELS:
+            os.environ["EVOMASK_CUDA_TREE"] = tree_kernel
+            if sources["linkage_tree"]["CUDA"] == "compiled":
+                got = torch.ops.evomask.linkage_tree(sim.cuda())
+                want = torch.ops.evomask.linkage_tree(sim)
+                for g, w in zip(got, want):
+                    torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0, msg=lambda m: f"{tree_kernel}: {m}")
+                checked += 1
+            if sources["hier_mask"]["CUDA"] == "compiled":
+                for progress in (0.0, 0.5, 1.0):
+                    got = torch.ops.evomask.hier_mask(sim.cuda(), noise.cuda(), 0.75, progress)
+                    want = torch.ops.evomask.hier_mask(sim, noise, 0.75, progress)
+                    assert torch.equal(got.cpu(), want), (tree_kernel, batch, n, progress)
+                checked += 1
+        os.environ.pop("EVOMASK_CUDA_TREE")
+        if sources["gmm_em"]["CUDA"] == "compiled" and n <= 300:  # 400 only tells the tree kernels apart
             for k in (1, 3, min(n, 40), n + 2):
                 rows = torch.randint(0, n, (batch, k), generator=gen)
                 init = torch.gather(sim, 1, rows[..., None].expand(batch, k, n))

@@ -1,7 +1,7 @@
 """One launch of each hot CUDA kernel at the budget's size, for Nsight Compute (``ncu``).
 
-``scripts/gpu_run.sh ncu`` profiles this script: the tree build and selection of ``hier_mask``
-and the EM of ``gmm_em`` at B = 256, N = 196 (K = 40, 10 iterations), each launched exactly
+``scripts/gpu_run.sh ncu`` profiles this script: the tree build (both kernels: block, then
+``EVOMASK_CUDA_TREE=warp``) and selection of ``hier_mask`` and the EM of ``gmm_em`` at B = 256, N = 196 (K = 40, 10 iterations), each launched exactly
 once after the inputs are made, so ncu's report holds one row per kernel.
 
     ncu --set basic python bench/ncu_target.py
@@ -9,6 +9,7 @@ once after the inputs are made, so ncu's report holds one row per kernel.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def main() -> None:
     init = attn[:, :40].contiguous()
     torch.cuda.synchronize()
     torch.ops.evomask.hier_mask(attn, noise, 0.75, 0.5)
+    os.environ["EVOMASK_CUDA_TREE"] = "warp"
+    torch.ops.evomask.hier_mask(attn, noise, 0.75, 0.5)
+    del os.environ["EVOMASK_CUDA_TREE"]
     torch.ops.evomask.gmm_em(attn, init, 10, 1e-6)
     torch.cuda.synchronize()
 

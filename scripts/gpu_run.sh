@@ -67,6 +67,11 @@ if [[ " $STEPS " == *" tests "* ]]; then
     timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 120 --continue-on-collection-errors \
       ${PYTEST_MARK:+-m "$PYTEST_MARK"} ${PYTEST_K:+-k "$PYTEST_K"} tests >"$LOGS/pytest.log" 2>&1
   rc=$?; tail -15 "$LOGS/pytest.log"; echo "pytest rc=$rc"; [ $rc -eq 0 ] || status=1
+  # The tree tests again with the warp-per-image kernel (EVOMASK_CUDA_TREE=warp).
+  EVOMASK_CUDA_TREE=warp EVOMASK_REQUIRE_COMPILED=1 EVOMASK_EXPECT_CUDA_KERNELS=1 \
+    timeout ${TEST_TIMEOUT:-300} $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 120 \
+      tests/test_linkage_tree.py tests/test_hier_mask.py tests/test_fuzz.py >"$LOGS/pytest-warp.log" 2>&1
+  rc=$?; tail -5 "$LOGS/pytest-warp.log"; echo "pytest (EVOMASK_CUDA_TREE=warp) rc=$rc"; [ $rc -eq 0 ] || status=1
 fi
 
 if [[ " $STEPS " == *" bench "* ]]; then
@@ -91,7 +96,7 @@ if [[ " $STEPS " == *" ncu "* ]] && command -v ncu >/dev/null; then
   # Nsight Compute on one launch of each hot kernel (bench/ncu_target.py): speed of light,
   # occupancy and launch figures; the full report comes back in logs.tgz.
   timeout ${NCU_TIMEOUT:-300} ncu --section SpeedOfLight --section Occupancy --section LaunchStats \
-    --section MemoryWorkloadAnalysis -k "regex:linkage_tree_kernel|select_kernel|gmm_em_kernel" $PY bench/ncu_target.py >"$LOGS/ncu.log" 2>&1
+    --section MemoryWorkloadAnalysis -k "regex:linkage_tree_kernel|tree_warp_kernel|select_kernel|gmm_em_kernel" $PY bench/ncu_target.py >"$LOGS/ncu.log" 2>&1
   rc=$?; grep -E "^  [a-z_].*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Shared Memory Config|Block Size|Grid Size" \
     "$LOGS/ncu.log" | tee "$OUT/ncu.txt"; echo "ncu rc=$rc"; [ $rc -eq 0 ] || status=1
 fi

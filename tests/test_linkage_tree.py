@@ -247,6 +247,33 @@ def test_cuda_equals_cpu_large(gen):
         assert_trees_equal(kernel_tree(sim.cuda()), kernel_tree(sim))
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("n", [2, 3, 31, 32, 33, 65, 196, 336, 337, 400])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_cuda_warp_kernel_equals_cpu(n, ties, gen, monkeypatch):
+    """EVOMASK_CUDA_TREE=warp (one warp per image, the triangle in shared memory) builds the CPU
+    kernel's trees bit for bit, exact ties included (both follow linkage.h's tie rules); sizes
+    whose triangle does not fit fall back to the block kernel."""
+    sim = iid_similarity(3, n, gen)
+    if ties:
+        sim = (sim * 4).round() / 4
+    monkeypatch.setenv("EVOMASK_CUDA_TREE", "warp")
+    assert_trees_equal(kernel_tree(sim.cuda()), kernel_tree(sim), "warp: ")
+    noise = torch.rand(3, n, generator=gen)
+    for progress in (0.0, 0.4, 1.0):
+        got = torch.ops.evomask.hier_mask(sim.cuda(), noise.cuda(), 0.75, progress)
+        assert torch.equal(got.cpu(), torch.ops.evomask.hier_mask(sim, noise, 0.75, progress))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tree_kernel_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("EVOMASK_CUDA_TREE", "fastest")
+    with pytest.raises(RuntimeError, match="EVOMASK_CUDA_TREE must be 'block' or 'warp', got 'fastest'"):
+        kernel_tree(torch.rand(1, 4, 4, device="cuda"))
+
+
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     batch=st.integers(1, 4),

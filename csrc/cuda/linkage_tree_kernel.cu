@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <cub/block/block_reduce.cuh>
+#include <cstdlib>
+#include <cstring>
 
 #include "checks.h"
 #include "cuda/tree_launch.cuh"
@@ -228,8 +230,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linkage_tree_cuda(con
 
 }  // namespace
 
+bool use_tree_warp() {
+  const char* choice = std::getenv("EVOMASK_CUDA_TREE");
+  if (choice == nullptr || choice[0] == '\0' || std::strcmp(choice, "block") == 0) return false;
+  TORCH_CHECK(std::strcmp(choice, "warp") == 0, "EVOMASK_CUDA_TREE must be 'block' or 'warp', got '", choice, "'");
+  return true;
+}
+
 void launch_linkage_tree(const at::Tensor& sim, int64_t* children, float* heights, int64_t* levels,
                          int64_t* sizes) {
+  if (use_tree_warp() && launch_tree_warp(sim, children, heights, levels, sizes)) return;
   const int64_t batch = sim.size(0);
   const int64_t n = sim.size(1);
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - 1024;

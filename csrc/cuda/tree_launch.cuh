@@ -11,4 +11,11 @@ namespace evomask::cuda {
 void launch_linkage_tree(const at::Tensor& sim, int64_t* children, float* heights, int64_t* levels,
                          int64_t* sizes);
 
+// The same build by one warp per image with the triangle in shared memory (tree_warp_kernel.cu).
+// Returns false, launching nothing, where that triangle does not fit.
+bool launch_tree_warp(const at::Tensor& sim, int64_t* children, float* heights, int64_t* levels, int64_t* sizes);
+
+// Which kernel launch_linkage_tree uses, from EVOMASK_CUDA_TREE: "block" (default) or "warp".
+bool use_tree_warp();
+
 }  // namespace evomask::cuda
