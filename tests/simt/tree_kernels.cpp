@@ -1,0 +1,64 @@
+// Both CUDA tree kernels' device code, compiled for the host against simt.h and exposed with a C
+// ABI for tests/test_simt_emulated.py (ctypes). Buffers are contiguous host arrays laid out as the
+// op's tensors; each entry point plans and launches as the .cu launcher does, with the shared
+// memory limit as an argument so that the global-memory fallbacks can be forced.
+#include "simt.h"
+
+#include "cuda/linkage_tree_kernel.cuh"
+#include "cuda/tree_warp_kernel.cuh"
+
+using namespace evomask::cuda;
+
+extern "C" {
+
+// The warp-per-image kernel; returns 1 (launching nothing) where its triangle exceeds max_shared.
+int simt_tree_warp(const float* sim, int64_t batch, int64_t n, int64_t max_shared, int64_t* children, float* heights,
+                   int64_t* levels, int64_t* sizes) {
+  const size_t bytes = tree_warp_shared_bytes(n);
+  if (bytes > static_cast<size_t>(max_shared)) return 1;
+  simt::launch(tree_warp_kernel, static_cast<unsigned>(batch), kLoadThreads, bytes, sim, static_cast<int>(n),
+               children, heights, levels, sizes);
+  return 0;
+}
+
+// Shared bytes of the block kernel's per-cluster state (its matrix comes on top).
+int64_t simt_tree_block_state_bytes(int64_t n) { return static_cast<int64_t>((state_bytes(n) + 15) / 16 * 16); }
+
+// The block-per-image kernel, with launch_linkage_tree's plan: matrix and state in shared memory
+// when they fit in max_shared, otherwise in (here: host) global buffers.
+int simt_tree_block(const float* sim, int64_t batch, int64_t n, int64_t max_shared, int64_t* children, float* heights,
+                    int64_t* levels, int64_t* sizes) {
+  const size_t limit = static_cast<size_t>(max_shared);
+  const size_t state = (state_bytes(n) + 15) / 16 * 16;
+  const size_t matrix = static_cast<size_t>(n) * n * sizeof(float);
+  Workspace ws{};
+  ws.state_in_shared = state <= limit;
+  ws.matrix_in_shared = ws.state_in_shared && state + matrix <= limit;
+  std::vector<float> matrix_buffer, nn_sim;
+  std::vector<int64_t> slots;
+  std::vector<uint8_t> active;
+  std::vector<int> rescan;
+  if (!ws.matrix_in_shared) {
+    matrix_buffer.resize(batch * n * n);
+    ws.matrix = matrix_buffer.data();
+  }
+  if (!ws.state_in_shared) {
+    nn_sim.resize(batch * n);
+    slots.resize(4 * batch * n);
+    active.resize(batch * n);
+    rescan.resize(batch * n);
+    ws.nn_sim = nn_sim.data();
+    ws.nn = slots.data();
+    ws.size = slots.data() + batch * n;
+    ws.node = slots.data() + 2 * batch * n;
+    ws.level = slots.data() + 3 * batch * n;
+    ws.active = active.data();
+    ws.rescan = rescan.data();
+  }
+  const size_t dynamic = (ws.state_in_shared ? state : 0) + (ws.matrix_in_shared ? matrix : 0);
+  simt::launch(linkage_tree_kernel, static_cast<unsigned>(batch), kThreads, dynamic, sim, n, ws, children, heights,
+               levels, sizes);
+  return (ws.matrix_in_shared ? 0 : 2) + (ws.state_in_shared ? 0 : 4);
+}
+
+}  // extern "C"
