@@ -47,7 +47,8 @@ def simt(tmp_path_factory) -> ctypes.CDLL:
     assert done.returncode == 0, f"building the SIMT emulator failed:\n{done.stderr}"
     assert "warning" not in done.stderr, done.stderr
     lib = ctypes.CDLL(str(out))
-    lib.simt_tree_block_state_bytes.restype = ctypes.c_int64
+    lib.simt_tree_block_shared_bytes.restype = ctypes.c_int64
+    lib.simt_gmm_shared_bytes.restype = ctypes.c_int64
     return lib
 
 
@@ -112,8 +113,8 @@ def test_block_tree_kernel_equals_cpu(simt, n, kind, where, gen):
     """The block kernel (the CUDA default) equals the CPU kernel with its matrix and state in shared
     memory and on each global-memory fallback (forced by a smaller shared-memory limit)."""
     sim = similarity(kind, 2, n, gen)
-    state = simt.simt_tree_block_state_bytes(ctypes.c_int64(n))
-    limit = {"shared": HOPPER_SHARED, "matrix-global": state, "all-global": 0}[where]
+    everything = simt.simt_tree_block_shared_bytes(ctypes.c_int64(n))
+    limit = {"shared": HOPPER_SHARED, "matrix-global": everything - 1, "all-global": 0}[where]
     got, rc = emulated_tree(simt, "block", sim, max_shared=limit)
     expected_rc = {"shared": 0, "matrix-global": 2, "all-global": 6}[where]
     assert rc == expected_rc, f"planned {rc}, expected {expected_rc}"
@@ -147,7 +148,8 @@ def test_gmm_kernel_matches_cpu(simt, k, where, gen):
     init = torch.gather(x, 1, rows[..., None].expand(b, rows.shape[1], n))
     if k > n:
         init = torch.cat([init, init[:, : k - n] + 0.5], dim=1)  # far from every point: empty
-    limit = {"shared": HOPPER_SHARED, "resp-global": 2 * k * (n | 1) * 4 + 3 * k * 4, "all-global": 0}[where]
+    everything = simt.simt_gmm_shared_bytes(ctypes.c_int64(n), ctypes.c_int64(n), ctypes.c_int64(k))
+    limit = {"shared": HOPPER_SHARED, "resp-global": everything - 1, "all-global": 0}[where]
     got, rc = emulated_gmm(simt, x, init, 6, 1e-6, max_shared=limit)
     assert rc == {"shared": 0, "resp-global": 4, "all-global": 6}[where]
     want = torch.ops.evomask.gmm_em(x, init, 6, 1e-6)

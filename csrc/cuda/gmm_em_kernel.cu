@@ -26,15 +26,10 @@ GmmOutputs gmm_em_cuda(const at::Tensor& x, const at::Tensor& init_means, int64_
   auto& [resp, means, variances, weights, log_likelihood] = out;
   if (batch == 0) return out;
 
-  Dims dm{static_cast<int>(n), static_cast<int>(d), static_cast<int>(k), static_cast<int>(num_iters),
-          static_cast<float>(reg_covar), false, false};
-  const size_t param_bytes = (2 * static_cast<size_t>(k) * (d | 1) + 3 * static_cast<size_t>(k)) * sizeof(float);
-  const size_t resp_bytes = static_cast<size_t>(n) * (k | 1) * sizeof(float);
   // Leave room for the block reduction's static shared memory.
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - 2048;
-  dm.params_in_shared = param_bytes <= limit;
-  dm.resp_in_shared = dm.params_in_shared && param_bytes + resp_bytes <= limit;
-  const size_t dynamic_bytes = (dm.params_in_shared ? param_bytes : 0) + (dm.resp_in_shared ? resp_bytes : 0);
+  size_t dynamic_bytes = 0;
+  const Dims dm = plan_gmm_em(n, d, k, num_iters, reg_covar, limit, &dynamic_bytes);
   if (dynamic_bytes > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(gmm_em_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(dynamic_bytes)));
@@ -45,9 +40,8 @@ GmmOutputs gmm_em_cuda(const at::Tensor& x, const at::Tensor& init_means, int64_
     global_params = at::empty({batch, k * d + 3 * k}, xf.options());
     global_ptr = global_params.mutable_data_ptr<float>();
   }
-  const Dims launch_dims = dm;
   gmm_em_kernel<<<static_cast<unsigned int>(batch), kEmThreads, dynamic_bytes, at::cuda::getCurrentCUDAStream()>>>(
-      xf.const_data_ptr<float>(), mf.const_data_ptr<float>(), launch_dims, global_ptr, resp.mutable_data_ptr<float>(),
+      xf.const_data_ptr<float>(), mf.const_data_ptr<float>(), dm, global_ptr, resp.mutable_data_ptr<float>(),
       means.mutable_data_ptr<float>(), variances.mutable_data_ptr<float>(), weights.mutable_data_ptr<float>(),
       log_likelihood.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

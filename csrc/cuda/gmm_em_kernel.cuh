@@ -281,5 +281,20 @@ __global__ void __launch_bounds__(kEmThreads, kEmBlocksPerSm)
   if (threadIdx.x == 0) ll_all[b] = static_cast<float>(fmax(ll, -static_cast<double>(FLT_MAX)));
 }
 
+// Where one item's working set lives, given `limit` bytes of dynamic shared memory per block:
+// means and precisions first, then the responsibilities, each in shared memory if it still fits.
+// (Host code, shared by the launcher and the tests' emulator.)
+inline Dims plan_gmm_em(int64_t n, int64_t d, int64_t k, int64_t iters, double reg, size_t limit,
+                        size_t* dynamic_bytes) {
+  Dims dm{static_cast<int>(n), static_cast<int>(d), static_cast<int>(k), static_cast<int>(iters),
+          static_cast<float>(reg), false, false};
+  const size_t param_bytes = (2 * static_cast<size_t>(k) * (d | 1) + 3 * static_cast<size_t>(k)) * sizeof(float);
+  const size_t resp_bytes = static_cast<size_t>(n) * (k | 1) * sizeof(float);
+  dm.params_in_shared = param_bytes <= limit;
+  dm.resp_in_shared = dm.params_in_shared && param_bytes + resp_bytes <= limit;
+  *dynamic_bytes = (dm.params_in_shared ? param_bytes : 0) + (dm.resp_in_shared ? resp_bytes : 0);
+  return dm;
+}
+
 }  // namespace
 }  // namespace evomask::cuda

@@ -47,11 +47,8 @@ void launch_linkage_tree(const at::Tensor& sim, int64_t* children, float* height
   const int64_t batch = sim.size(0);
   const int64_t n = sim.size(1);
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - 1024;
-  const size_t state = (state_bytes(n) + 15) / 16 * 16;
-  const size_t matrix = static_cast<size_t>(n) * n * sizeof(float);
-  Workspace ws{};
-  ws.state_in_shared = state <= limit;
-  ws.matrix_in_shared = ws.state_in_shared && state + matrix <= limit;
+  Workspace ws;
+  const size_t dynamic = plan_linkage_tree(n, limit, &ws);
   at::Tensor matrix_buffer, nn_sim, slots, active, rescan;
   if (!ws.matrix_in_shared) {
     matrix_buffer = at::empty_like(sim);
@@ -71,7 +68,6 @@ void launch_linkage_tree(const at::Tensor& sim, int64_t* children, float* height
     ws.active = active.mutable_data_ptr<uint8_t>();
     ws.rescan = rescan.mutable_data_ptr<int>();
   }
-  const size_t dynamic = (ws.state_in_shared ? state : 0) + (ws.matrix_in_shared ? matrix : 0);
   if (dynamic > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(linkage_tree_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(dynamic)));

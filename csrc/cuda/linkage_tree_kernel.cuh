@@ -210,5 +210,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Where the working matrix and the per-cluster state live, given `limit` bytes of dynamic shared
+// memory per block: the state first, then the matrix, each in shared memory if it still fits.
+// Returns the dynamic shared bytes; the caller points the global parts of `ws` at buffers.
+// (Host code, shared by the launcher and the tests' emulator.)
+inline size_t plan_linkage_tree(int64_t n, size_t limit, Workspace* ws) {
+  const size_t state = (state_bytes(n) + 15) / 16 * 16;
+  const size_t matrix = static_cast<size_t>(n) * n * sizeof(float);
+  *ws = Workspace{};
+  ws->state_in_shared = state <= limit;
+  ws->matrix_in_shared = ws->state_in_shared && state + matrix <= limit;
+  return (ws->state_in_shared ? state : 0) + (ws->matrix_in_shared ? matrix : 0);
+}
+
 }  // namespace
 }  // namespace evomask::cuda

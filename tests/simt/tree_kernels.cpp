@@ -21,19 +21,19 @@ int simt_tree_warp(const float* sim, int64_t batch, int64_t n, int64_t max_share
   return 0;
 }
 
-// Shared bytes of the block kernel's per-cluster state (its matrix comes on top).
-int64_t simt_tree_block_state_bytes(int64_t n) { return static_cast<int64_t>((state_bytes(n) + 15) / 16 * 16); }
+// The block kernel's dynamic shared bytes with everything in shared memory (one byte less moves
+// the matrix to global memory).
+int64_t simt_tree_block_shared_bytes(int64_t n) {
+  Workspace ws;
+  return static_cast<int64_t>(plan_linkage_tree(n, SIZE_MAX, &ws));
+}
 
-// The block-per-image kernel, with launch_linkage_tree's plan: matrix and state in shared memory
-// when they fit in max_shared, otherwise in (here: host) global buffers.
+// The block-per-image kernel, with the launcher's plan (plan_linkage_tree): matrix and state in
+// shared memory when they fit in max_shared, otherwise in (here: host) global buffers.
 int simt_tree_block(const float* sim, int64_t batch, int64_t n, int64_t max_shared, int64_t* children, float* heights,
                     int64_t* levels, int64_t* sizes) {
-  const size_t limit = static_cast<size_t>(max_shared);
-  const size_t state = (state_bytes(n) + 15) / 16 * 16;
-  const size_t matrix = static_cast<size_t>(n) * n * sizeof(float);
-  Workspace ws{};
-  ws.state_in_shared = state <= limit;
-  ws.matrix_in_shared = ws.state_in_shared && state + matrix <= limit;
+  Workspace ws;
+  const size_t dynamic = plan_linkage_tree(n, static_cast<size_t>(max_shared), &ws);
   std::vector<float> matrix_buffer, nn_sim;
   std::vector<int64_t> slots;
   std::vector<uint8_t> active;
@@ -55,7 +55,6 @@ int simt_tree_block(const float* sim, int64_t batch, int64_t n, int64_t max_shar
     ws.active = active.data();
     ws.rescan = rescan.data();
   }
-  const size_t dynamic = (ws.state_in_shared ? state : 0) + (ws.matrix_in_shared ? matrix : 0);
   simt::launch(linkage_tree_kernel, static_cast<unsigned>(batch), kThreads, dynamic, sim, n, ws, children, heights,
                levels, sizes);
   return (ws.matrix_in_shared ? 0 : 2) + (ws.state_in_shared ? 0 : 4);
