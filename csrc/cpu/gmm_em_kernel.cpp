@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "checks.h"
@@ -25,6 +26,10 @@ struct FitArgs {
   float *resp, *means, *variances, *weights, *log_likelihood;
 };
 
+// The 32-byte vector type of the fitter crosses no ABI boundary (its helpers are inlined), so
+// GCC's note that it would be passed differently without AVX does not apply.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 namespace baseline {
 #include "cpu/gmm_fitter_body.inc"
 }  // namespace baseline
@@ -38,6 +43,7 @@ namespace avx2 {
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
+#pragma GCC diagnostic pop
 
 using FitFn = void (*)(int64_t, int64_t, const FitArgs&);
 
