@@ -7,6 +7,13 @@
 #
 # Uses the machine's python3 and its torch (no network there). Extra wheels (fastcluster) are
 # installed from .whl/ when that folder exists.
+#
+# With the device tool (10 minutes a command; the machine goes cold 30 s after a call, so every
+# call builds again), two calls cover everything:
+#   OUT=$OUT bash scripts/gpu_run.sh build tests sanitize
+#   OUT=$OUT bash scripts/gpu_run.sh build bench profile ncu
+# Then, if tree_warp_kernel passed and `cuda-warp` beats `cuda` in ops.json, make it the default
+# (use_tree_warp in csrc/cuda/linkage_tree_kernel.cu) and commit the results with device and date.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-$(date +%F)}
