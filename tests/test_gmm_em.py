@@ -421,6 +421,28 @@ def test_all_rows_equal_collapse(backend, reg, init_kind, gen):
         assert bool((ll >= lower - 1e-4 * lower.abs()).all()), f"log_likelihood {ll.tolist()} below {lower.tolist()}"
 
 
+@pytest.mark.parametrize("kind", ["repeated-points", "attention-rows"])
+def test_cpu_equals_reference_when_components_collapse(kind, gen):
+    """With reg_covar = 1e-30 components collapse onto repeated points, variances fall to ~1e-30,
+    and responsibilities hinge on points that lie exactly on a mean: those distances must be
+    exactly 0, as the centred difference (x - mu)^2 / var gives them. The CPU kernel (float64)
+    then equals the float64 reference to rounding. (An x var^-1/2 - mu var^-1/2 form, tried for
+    speed, left |mu| var^-1/2 ulps there and moved responsibilities by up to 4%.)"""
+    batch, n, d, k = 4, 30, 12, 6
+    base = torch.randn(batch, n // 3, d, generator=gen)
+    x = base.repeat(1, 3, 1)  # every point three times
+    if kind == "attention-rows":
+        x = (3 * x).softmax(-1)
+    rows = torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(batch)])
+    init = torch.gather(x, 1, rows[..., None].expand(batch, k, d)).contiguous()
+    got = torch.ops.evomask.gmm_em(x, init, 8, 1e-30)
+    want = reference.gmm_em(x, init, 8, 1e-30)
+    names = ("resp", "means", "variances", "weights", "log_likelihood")
+    for name, g, w in zip(names, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6 if name != "variances" else 0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 # --------------------------------------------------------------------------------------------
 # 4. torch.library.opcheck, 5. torch.compile
 # --------------------------------------------------------------------------------------------
