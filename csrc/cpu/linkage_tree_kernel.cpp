@@ -9,15 +9,12 @@
 namespace evomask::cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linkage_tree_cpu(const at::Tensor& sim) {
+TreeOutputs linkage_tree_cpu(const at::Tensor& sim) {
   const at::Tensor s = similarity_as_float(sim, "sim");
   const int64_t batch = s.size(0);
   const int64_t n = s.size(1);
-  const auto long_opts = s.options().dtype(at::kLong);
-  at::Tensor children = at::empty({batch, n - 1, 2}, long_opts);
-  at::Tensor heights = at::empty({batch, n - 1}, s.options());
-  at::Tensor levels = at::empty({batch, n - 1}, long_opts);
-  at::Tensor sizes = at::empty({batch, n - 1}, long_opts);
+  TreeOutputs out = empty_linkage_tree_outputs(s);
+  auto& [children, heights, levels, sizes] = out;
 
   const float* sim_ptr = s.const_data_ptr<float>();
   int64_t* children_ptr = children.mutable_data_ptr<int64_t>();
@@ -31,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linkage_tree_cpu(cons
                     levels_ptr + b * (n - 1), sizes_ptr + b * (n - 1));
     }
   });
-  return {children, heights, levels, sizes};
+  return out;
 }
 
 }  // namespace

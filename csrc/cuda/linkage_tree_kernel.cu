@@ -15,21 +15,16 @@
 namespace evomask::cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linkage_tree_cuda(const at::Tensor& sim) {
+TreeOutputs linkage_tree_cuda(const at::Tensor& sim) {
   const c10::cuda::CUDAGuard guard(sim.device());
   const at::Tensor s = similarity_as_float(sim, "sim");
-  const int64_t batch = s.size(0);
-  const int64_t n = s.size(1);
-  const auto long_opts = s.options().dtype(at::kLong);
-  at::Tensor children = at::empty({batch, n - 1, 2}, long_opts);
-  at::Tensor heights = at::empty({batch, n - 1}, s.options());
-  at::Tensor levels = at::empty({batch, n - 1}, long_opts);
-  at::Tensor sizes = at::empty({batch, n - 1}, long_opts);
-  if (batch > 0) {
+  TreeOutputs out = empty_linkage_tree_outputs(s);
+  auto& [children, heights, levels, sizes] = out;
+  if (s.size(0) > 0) {
     launch_linkage_tree(s, children.mutable_data_ptr<int64_t>(), heights.mutable_data_ptr<float>(),
                         levels.mutable_data_ptr<int64_t>(), sizes.mutable_data_ptr<int64_t>());
   }
-  return {children, heights, levels, sizes};
+  return out;
 }
 
 }  // namespace
