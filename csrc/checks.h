@@ -97,8 +97,6 @@ inline std::pair<at::Tensor, at::Tensor> check_gmm_em_args(const at::Tensor& x, 
   return {xf, mf};
 }
 
-// gmm_em's outputs, uninitialised, shaped from x [B, N, D] and K: resp [B, N, K], means and
-// variances [B, K, D], weights [B, K], log_likelihood [B], all float32 on x's device.
 // linkage_tree's outputs for a float32 [B, N, N] similarity, uninitialised: children [B, N-1, 2],
 // heights [B, N-1] (float32), levels and sizes [B, N-1] (int64), on its device.
 using TreeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -109,6 +107,8 @@ inline TreeOutputs empty_linkage_tree_outputs(const at::Tensor& s) {
           at::empty({batch, n - 1}, long_opts), at::empty({batch, n - 1}, long_opts)};
 }
 
+// gmm_em's outputs, uninitialised, shaped from x [B, N, D] and K: resp [B, N, K], means and
+// variances [B, K, D], weights [B, K], log_likelihood [B], all float32 on x's device.
 using GmmOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 inline GmmOutputs empty_gmm_em_outputs(const at::Tensor& x, int64_t k) {
   const int64_t batch = x.size(0), n = x.size(1), d = x.size(2);

@@ -37,7 +37,7 @@ GmmOutputs gmm_em_cuda(const at::Tensor& x, const at::Tensor& init_means, int64_
   at::Tensor global_params;
   float* global_ptr = nullptr;
   if (!dm.params_in_shared) {
-    global_params = at::empty({batch, k * d + 3 * k}, xf.options());
+    global_params = at::empty({batch, global_param_floats(k, d)}, xf.options());
     global_ptr = global_params.mutable_data_ptr<float>();
   }
   gmm_em_kernel<<<static_cast<unsigned int>(batch), kEmThreads, dynamic_bytes, at::cuda::getCurrentCUDAStream()>>>(

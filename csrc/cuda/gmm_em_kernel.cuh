@@ -55,6 +55,10 @@ struct Params {
   int rstride;
 };
 
+// Floats of one item's parameters when they live in global memory: precisions [K, D], then the
+// log-normalisers, log-weights and masses [K] each (the means are written in place in `means`).
+__host__ __device__ inline int64_t global_param_floats(int64_t k, int64_t d) { return k * d + 3 * k; }
+
 // Finite float32 (values beyond its range only come from inputs near 1e38).
 __device__ float clamp_finite(float v) { return fminf(fmaxf(v, -FLT_MAX), FLT_MAX); }
 
@@ -226,7 +230,7 @@ __global__ void __launch_bounds__(kEmThreads, kEmBlocksPerSm)
   } else {
     p.stride = d;
     p.mu = means;
-    p.prec = global_params + b * (k * d + 3 * k);
+    p.prec = global_params + b * global_param_floats(k, d);
     scalars = p.prec + k * d;
   }
   p.log_norm = scalars;

@@ -27,14 +27,15 @@ TreeOutputs linkage_tree_cuda(const at::Tensor& sim) {
   return out;
 }
 
-}  // namespace
-
+// Which kernel launch_linkage_tree uses, from EVOMASK_CUDA_TREE: "block" (default) or "warp".
 bool use_tree_warp() {
   const char* choice = std::getenv("EVOMASK_CUDA_TREE");
   if (choice == nullptr || choice[0] == '\0' || std::strcmp(choice, "block") == 0) return false;
   TORCH_CHECK(std::strcmp(choice, "warp") == 0, "EVOMASK_CUDA_TREE must be 'block' or 'warp', got '", choice, "'");
   return true;
 }
+
+}  // namespace
 
 void launch_linkage_tree(const at::Tensor& sim, int64_t* children, float* heights, int64_t* levels,
                          int64_t* sizes) {
@@ -44,25 +45,10 @@ void launch_linkage_tree(const at::Tensor& sim, int64_t* children, float* height
   const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin - 1024;
   Workspace ws;
   const size_t dynamic = plan_linkage_tree(n, limit, &ws);
-  at::Tensor matrix_buffer, nn_sim, slots, active, rescan;
-  if (!ws.matrix_in_shared) {
-    matrix_buffer = at::empty_like(sim);
-    ws.matrix = matrix_buffer.mutable_data_ptr<float>();
-  }
-  if (!ws.state_in_shared) {
-    nn_sim = at::empty({batch, n}, sim.options());
-    slots = at::empty({4, batch, n}, sim.options().dtype(at::kLong));
-    active = at::empty({batch, n}, sim.options().dtype(at::kByte));
-    rescan = at::empty({batch, n}, sim.options().dtype(at::kInt));
-    int64_t* slot_ptr = slots.mutable_data_ptr<int64_t>();
-    ws.nn_sim = nn_sim.mutable_data_ptr<float>();
-    ws.nn = slot_ptr;
-    ws.size = slot_ptr + batch * n;
-    ws.node = slot_ptr + 2 * batch * n;
-    ws.level = slot_ptr + 3 * batch * n;
-    ws.active = active.mutable_data_ptr<uint8_t>();
-    ws.rescan = rescan.mutable_data_ptr<int>();
-  }
+  // at::empty's storage is aligned far beyond the 8 bytes the int64 state needs.
+  const at::Tensor global = at::empty({static_cast<int64_t>(global_workspace_bytes(ws, batch, n))},
+                                      sim.options().dtype(at::kByte));
+  bind_global_workspace(&ws, batch, n, global.mutable_data_ptr<uint8_t>());
   if (dynamic > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(linkage_tree_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(dynamic)));

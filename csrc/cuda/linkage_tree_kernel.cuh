@@ -212,8 +212,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // Where the working matrix and the per-cluster state live, given `limit` bytes of dynamic shared
 // memory per block: the state first, then the matrix, each in shared memory if it still fits.
-// Returns the dynamic shared bytes; the caller points the global parts of `ws` at buffers.
-// (Host code, shared by the launcher and the tests' emulator.)
+// Returns the dynamic shared bytes; bind_global_workspace then places the rest in global memory.
+// (Host code, like the two below, shared by the launcher and the tests' emulator.)
 inline size_t plan_linkage_tree(int64_t n, size_t limit, Workspace* ws) {
   const size_t state = (state_bytes(n) + 15) / 16 * 16;
   const size_t matrix = static_cast<size_t>(n) * n * sizeof(float);
@@ -221,6 +221,33 @@ inline size_t plan_linkage_tree(int64_t n, size_t limit, Workspace* ws) {
   ws->state_in_shared = state <= limit;
   ws->matrix_in_shared = ws->state_in_shared && state + matrix <= limit;
   return (ws->state_in_shared ? state : 0) + (ws->matrix_in_shared ? matrix : 0);
+}
+
+// Bytes of global memory that the parts `ws` keeps out of shared memory take for B images.
+inline size_t global_workspace_bytes(const Workspace& ws, int64_t batch, int64_t n) {
+  const size_t cells = static_cast<size_t>(batch) * static_cast<size_t>(n);
+  return (ws.state_in_shared ? 0 : cells * state_bytes(1)) + (ws.matrix_in_shared ? 0 : cells * n * sizeof(float));
+}
+
+// Points the global parts of `ws` into `buffer` (global_workspace_bytes long, 8-byte aligned):
+// the int64 state first, then the float32 matrix and row maxima, the rescan list, the flags.
+inline void bind_global_workspace(Workspace* ws, int64_t batch, int64_t n, unsigned char* buffer) {
+  const int64_t cells = batch * n;
+  int64_t* slots = reinterpret_cast<int64_t*>(buffer);
+  float* floats = reinterpret_cast<float*>(ws->state_in_shared ? slots : slots + 4 * cells);
+  if (!ws->matrix_in_shared) {
+    ws->matrix = floats;
+    floats += cells * n;
+  }
+  if (!ws->state_in_shared) {
+    ws->nn = slots;
+    ws->size = slots + cells;
+    ws->node = slots + 2 * cells;
+    ws->level = slots + 3 * cells;
+    ws->nn_sim = floats;
+    ws->rescan = reinterpret_cast<int*>(floats + cells);
+    ws->active = reinterpret_cast<uint8_t*>(ws->rescan + cells);
+  }
 }
 
 }  // namespace

@@ -15,7 +15,4 @@ void launch_linkage_tree(const at::Tensor& sim, int64_t* children, float* height
 // Returns false, launching nothing, where that triangle does not fit.
 bool launch_tree_warp(const at::Tensor& sim, int64_t* children, float* heights, int64_t* levels, int64_t* sizes);
 
-// Which kernel launch_linkage_tree uses, from EVOMASK_CUDA_TREE: "block" (default) or "warp".
-bool use_tree_warp();
-
 }  // namespace evomask::cuda

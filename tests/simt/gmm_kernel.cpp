@@ -25,7 +25,7 @@ int simt_gmm_em(const float* x, const float* init, int64_t batch, int64_t n, int
   size_t dynamic = 0;
   const Dims dm = plan_gmm_em(n, d, k, iters, reg, static_cast<size_t>(max_shared), &dynamic);
   std::vector<float> global_params;
-  if (!dm.params_in_shared) global_params.resize(batch * (k * d + 3 * k));
+  if (!dm.params_in_shared) global_params.resize(batch * global_param_floats(k, d));
   simt::launch(gmm_em_kernel, static_cast<unsigned>(batch), kEmThreads, dynamic, x, init, dm,
                global_params.empty() ? nullptr : global_params.data(), resp, means, variances, weights,
                log_likelihood);

@@ -34,27 +34,8 @@ int simt_tree_block(const float* sim, int64_t batch, int64_t n, int64_t max_shar
                     int64_t* levels, int64_t* sizes) {
   Workspace ws;
   const size_t dynamic = plan_linkage_tree(n, static_cast<size_t>(max_shared), &ws);
-  std::vector<float> matrix_buffer, nn_sim;
-  std::vector<int64_t> slots;
-  std::vector<uint8_t> active;
-  std::vector<int> rescan;
-  if (!ws.matrix_in_shared) {
-    matrix_buffer.resize(batch * n * n);
-    ws.matrix = matrix_buffer.data();
-  }
-  if (!ws.state_in_shared) {
-    nn_sim.resize(batch * n);
-    slots.resize(4 * batch * n);
-    active.resize(batch * n);
-    rescan.resize(batch * n);
-    ws.nn_sim = nn_sim.data();
-    ws.nn = slots.data();
-    ws.size = slots.data() + batch * n;
-    ws.node = slots.data() + 2 * batch * n;
-    ws.level = slots.data() + 3 * batch * n;
-    ws.active = active.data();
-    ws.rescan = rescan.data();
-  }
+  std::vector<int64_t> global((global_workspace_bytes(ws, batch, n) + 7) / 8);  // 8-byte aligned
+  bind_global_workspace(&ws, batch, n, reinterpret_cast<unsigned char*>(global.data()));
   simt::launch(linkage_tree_kernel, static_cast<unsigned>(batch), kThreads, dynamic, sim, n, ws, children, heights,
                levels, sizes);
   return (ws.matrix_in_shared ? 0 : 2) + (ws.state_in_shared ? 0 : 4);
