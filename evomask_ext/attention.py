@@ -1,20 +1,28 @@
-"""Attention similarity from a ViT's own blocks: the input of the evolved masks (EHM Sec. V-E).
+"""Attention similarity from a ViT's own forward: the input of the evolved masks (EHM Sec. V-E).
 
-Works with timm's ``Block``/``Attention`` (any module with ``norm1`` and an ``attn`` holding
-``qkv``, ``num_heads``, ``head_dim``, ``scale``, ``q_norm``, ``k_norm``). timm's fused attention
-never materialises the probabilities, so they are recomputed here from the block's own
-projections; the blocks themselves run unchanged.
+The probabilities are read, never re-derived: for each block read, the one attention module in it
+(a module with an ``attn_drop`` dropout, as in every timm ViT family and in the timm versions
+facebookresearch/mae builds on) runs with fused attention off, and a hook on ``attn_drop`` records
+the softmax it is given. Whatever the model does before the softmax (relative position bias,
+shared relative positions, RoPE, q/k norms, register tokens) is therefore what we read, and the
+pass stops as soon as the last needed probabilities are recorded.
+
+What cannot be read this way is refused with an error naming the model or block and the reason:
+no attention module, several in one block (parallel attention), differential attention (a
+difference of two softmaxes, not a probability map), or a recorded tensor that is not a softmax
+over the token sequence (e.g. talking heads that mix heads after the softmax, windowed attention).
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from .ops import (
+from ._checks import (
     ArgumentTypeError,
     _module_device,
     _require_bool,
@@ -27,6 +35,9 @@ from .ops import (
 
 __all__ = ["AttentionMaps", "block_attention_probs", "attention_maps", "attention_similarity"]
 
+# Rows of a softmax sum to one; bf16/fp16 probabilities carry about 3 significant digits.
+_ROW_SUM_TOLERANCE = 2e-2
+
 
 class AttentionMaps(NamedTuple):
     """Head- and layer-averaged attention of a token sequence with one leading CLS token."""
@@ -35,36 +46,190 @@ class AttentionMaps(NamedTuple):
     cls: torch.Tensor | None  #: [B, N] CLS-to-patch attention of the last block run, heads averaged
 
 
+class _StopForward(Exception):
+    """Raised from the last hook: nothing after the last probabilities read is needed."""
+
+
+def _attention_module(block: Any, name: str) -> nn.Module:
+    """The single softmax-attention module inside ``block`` (possibly ``block`` itself)."""
+    if not isinstance(block, nn.Module):
+        raise ArgumentTypeError(
+            f"{name} must be a timm ViT Block (a module holding one softmax attention with attn_drop), "
+            f"got {type(block).__name__}"
+        )
+    found = [m for m in block.modules() if isinstance(getattr(m, "attn_drop", None), nn.Module)]
+    if not found:
+        raise ArgumentTypeError(
+            f"{name} must be a timm ViT Block (a module holding one softmax attention with attn_drop), "
+            f"got {type(block).__name__}, which holds no such attention"
+        )
+    if len(found) > 1:
+        raise ArgumentTypeError(
+            f"{name} ({type(block).__name__}) holds {len(found)} attention modules (parallel attention): "
+            "which probabilities are the block's is ambiguous, so this block is not supported"
+        )
+    attn = found[0]
+    if hasattr(attn, "proj_l") and hasattr(attn, "proj_w"):
+        raise ArgumentTypeError(
+            f"{name} ({type(block).__name__}) uses talking-heads attention, which mixes the heads after the "
+            "softmax, so the tensor it drops out is not a probability map: not supported"
+        )
+    if hasattr(attn, "lambda_init") or hasattr(attn, "_compute_lambda"):
+        raise ArgumentTypeError(
+            f"{name} ({type(block).__name__}) uses differential attention, a difference of two softmaxes "
+            "rather than a probability map, so its attention cannot be read as a similarity"
+        )
+    return attn
+
+
+class _Recorder:
+    """Records the softmax probabilities of chosen blocks during one forward pass.
+
+    ``reduce="heads"`` keeps each read block's head average in float32 ([B, T, T], summed over
+    ``patch`` blocks); ``reduce="none"`` keeps the full [B, heads, T, T] probabilities.
+    """
+
+    def __init__(self, modules: dict[int, nn.Module], names: dict[int, str], *, reduce: str = "heads"):
+        self.modules = modules
+        self.names = names
+        self.reduce = reduce
+        self.last = max(modules) if modules else -1
+        self.probs: dict[int, torch.Tensor] = {}
+        self.calls: dict[int, int] = {i: 0 for i in modules}
+
+    def _hook(self, index: int):
+        def record(module: nn.Module, args: tuple) -> None:
+            self.calls[index] += 1
+            probs = args[0] if args else None
+            self._check(index, probs)
+            if self.reduce == "heads":
+                probs = probs.mean(dim=1, dtype=torch.float32)
+            else:
+                probs = probs.float()
+            self.probs[index] = probs
+            if index == self.last:
+                raise _StopForward
+
+        return record
+
+    def _check(self, index: int, probs: Any) -> None:
+        name = self.names[index]
+        if self.calls[index] > 1:
+            raise ArgumentTypeError(f"{name} computed its attention more than once in one forward: not supported")
+        if not isinstance(probs, torch.Tensor) or probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
+            shape = list(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+            raise ArgumentTypeError(
+                f"{name}: the tensor its attention passes to attn_drop is {shape}, not [B, heads, T, T] "
+                "probabilities over the token sequence: this attention is not supported"
+            )
+
+    @contextmanager
+    def attached(self) -> Iterator["_Recorder"]:
+        """Fused attention off and hooks on for the pass; both undone on every exit."""
+        handles, fused = [], {}
+        try:
+            for index, module in self.modules.items():
+                if hasattr(module, "fused_attn"):
+                    fused[index] = module.fused_attn
+                    module.fused_attn = False
+                handles.append(module.attn_drop.register_forward_pre_hook(self._hook(index)))
+            try:
+                yield self
+            except _StopForward:
+                pass
+        finally:
+            for handle in handles:
+                handle.remove()
+            for index, value in fused.items():
+                self.modules[index].fused_attn = value
+
+    def result(self, index: int) -> torch.Tensor:
+        if index not in self.probs:
+            raise ArgumentTypeError(
+                f"{self.names[index]} did not pass its probabilities through its attn_drop during the forward "
+                "(an attention that never materialises them): not supported"
+            )
+        return self.probs[index]
+
+    def check_softmax(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Refuses recorded tensors whose rows are not probabilities (one host sync for all).
+
+        NaN/Inf rows pass: a diverged encoder's attention is the caller's to report."""
+        worst = None
+        for probs in tensors:
+            if probs.numel() == 0:
+                continue
+            rows = probs.sum(dim=-1)
+            err = torch.maximum((rows - 1).abs().amax(), (-probs).amax().clamp_min(0))
+            err = torch.nan_to_num(err, nan=0.0, posinf=0.0)
+            worst = err if worst is None else torch.maximum(worst, err)
+        if worst is not None and float(worst) > _ROW_SUM_TOLERANCE:
+            names = ", ".join(self.names[i] for i in sorted(self.probs))
+            raise ArgumentTypeError(
+                f"the attention recorded in {names} is not a softmax over the tokens (its rows are off a "
+                f"probability distribution by up to {float(worst):.3g}, more than {_ROW_SUM_TOLERANCE:g}): heads "
+                "mixed after the softmax or another attention form; not supported"
+            )
+
+
+def _eval_mode(model: nn.Module):
+    """Switches ``model`` to eval (no dropout, no patch dropout, no drop path) until exit."""
+
+    @contextmanager
+    def switched() -> Iterator[None]:
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            yield
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
+    return switched()
+
+
+# Block arguments that carry positions computed once by the model (RoPE tables, shared relative
+# position biases): run as ``block(x)``, such a block silently attends without them.
+_MODEL_LEVEL_INPUTS = ("rope", "rel_pos", "pos_embed", "rot_pos")
+
+
+def _needs_model_inputs(block: nn.Module) -> str | None:
+    try:
+        params = list(inspect.signature(block.forward).parameters)[1:]
+    except (TypeError, ValueError):
+        return None
+    for param in params:
+        if any(key in param for key in _MODEL_LEVEL_INPUTS):
+            return param
+    return None
+
+
 def block_attention_probs(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Softmax attention probabilities ``[B, heads, T, T]`` of ``block`` on its input ``x``, in float32.
 
-    ``block`` is a timm ``Block`` (``norm1`` and an ``attn`` with ``qkv``, ``num_heads``, ``head_dim``,
-    ``scale``, ``q_norm``, ``k_norm``); ``x`` its floating-point ``[B, T, D]`` input on the block's
-    device. An empty batch gives an empty ``[0, heads, T, T]`` result. NaN/Inf in ``x`` propagate
-    into the probabilities (not checked: this runs inside :func:`attention_maps`, block after block).
+    ``block`` is a timm ViT block (any module holding one softmax attention with ``attn_drop``);
+    ``x`` its floating-point ``[B, T, D]`` input on the block's device. The block runs as
+    ``block(x)`` in eval mode with its attention unfused, and the probabilities it computes are
+    returned. An empty batch gives an empty ``[0, heads, T, T]`` result. NaN/Inf in ``x`` propagate.
     """
-    _check_block(block, "block")
+    attn = _attention_module(block, "block")
+    _refuse_model_level_inputs(block, "block")
     _check_tokens(x, "x", block)
-    attn = block.attn
-    batch, tokens, _ = x.shape
-    qkv = attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, _ = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = (q.float() * attn.scale) @ k.float().transpose(-2, -1)
-    return logits.softmax(dim=-1)
+    recorder = _Recorder({0: attn}, {0: "block"}, reduce="none")
+    with torch.no_grad(), _eval_mode(block), recorder.attached():
+        block(x)
+    probs = recorder.result(0)
+    recorder.check_softmax([probs])
+    return probs
 
 
-_ATTN_FIELDS = ("qkv", "num_heads", "head_dim", "scale", "q_norm", "k_norm")
-
-
-def _check_block(block: Any, name: str) -> None:
-    attn = getattr(block, "attn", None)
-    if not isinstance(block, nn.Module) or not hasattr(block, "norm1") or attn is None or not all(
-        hasattr(attn, field) for field in _ATTN_FIELDS
-    ):
+def _refuse_model_level_inputs(block: nn.Module, name: str) -> None:
+    param = _needs_model_inputs(block)
+    if param is not None:
         raise ArgumentTypeError(
-            f"{name} must be a timm ViT Block (norm1, and attn with {', '.join(_ATTN_FIELDS)}), "
-            f"got {type(block).__name__}"
+            f"{name} ({type(block).__name__}) takes `{param}` from its model (RoPE or shared relative "
+            "positions): run on its own it would attend without them. Use "
+            "evomask_ext.attention_similarity(model, images), which reads the model's own forward"
         )
 
 
@@ -88,37 +253,25 @@ def _check_tokens(tokens: Any, name: str, module: nn.Module, *, min_tokens: int 
         _require_same_device(tokens, name, device, "the model's parameters")
 
 
-def _capturable(block: nn.Module) -> bool:
-    attn = getattr(block, "attn", None)
-    return hasattr(attn, "fused_attn") and isinstance(getattr(attn, "attn_drop", None), nn.Module)
+def _read_blocks(
+    blocks: Sequence[nn.Module], patch_layers: int, cls_index: int | None
+) -> tuple[_Recorder, list[int]]:
+    """The recorder for the first ``patch_layers`` blocks (and block ``cls_index``)."""
+    read = sorted(set(range(patch_layers)) | ({cls_index} if cls_index is not None else set()))
+    names = {i: f"blocks[{i}]" for i in read}
+    modules = {i: _attention_module(blocks[i], names[i]) for i in read}
+    return _Recorder(modules, names), read
 
 
-@contextmanager
-def _unfused(block: nn.Module) -> Iterator[dict]:
-    """Runs ``block`` with fused attention off and records its softmax probabilities."""
-    attn = block.attn
-    store: dict = {}
-    fused = attn.fused_attn
-    handle = attn.attn_drop.register_forward_pre_hook(lambda module, args: store.__setitem__("probs", args[0]))
-    attn.fused_attn = False
-    try:
-        yield store
-    finally:
-        attn.fused_attn = fused
-        handle.remove()
-
-
-def _read_block(block: nn.Module, x: torch.Tensor, need_output: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(heads-averaged float32 probabilities [B, T, T], the block's output or None)."""
-    if _capturable(block):
-        with _unfused(block) as store:
-            # Past the last block read, only its attention matters: skip its MLP (2/3 of its FLOPs).
-            out = block(x) if need_output else block.attn(block.norm1(x))
-        if "probs" not in store:
-            raise RuntimeError(f"{type(block.attn).__name__} did not pass its probabilities through attn_drop")
-        return store["probs"].float().mean(dim=1), out if need_output else None
-    probs = block_attention_probs(block, x).mean(dim=1)
-    return probs, block(x) if need_output else None
+def _maps_from(recorder: _Recorder, patch_layers: int, cls_index: int | None, prefix: int) -> AttentionMaps:
+    patch_probs = [recorder.result(i) for i in range(patch_layers)]
+    cls_probs = recorder.result(cls_index) if cls_index is not None else None
+    recorder.check_softmax(patch_probs + ([cls_probs] if cls_probs is not None else []))
+    patch = None
+    if patch_probs:
+        patch = torch.stack(patch_probs).sum(dim=0)[:, prefix:, prefix:] / patch_layers
+    cls = cls_probs[:, 0, prefix:] if cls_probs is not None else None
+    return AttentionMaps(patch=patch, cls=cls)
 
 
 @torch.no_grad()
@@ -132,7 +285,7 @@ def attention_maps(
     """Runs ``blocks`` on ``tokens`` ([B, P + N, D], P prefix tokens, CLS first) without gradients.
 
     Args:
-        blocks: the encoder's transformer blocks, in order.
+        blocks: the encoder's transformer blocks, in order; each runs as ``block(x)``.
         tokens: the full, unmasked sequence (patch embedding + position, prefix tokens prepended).
         patch_layers: average the attention of the first ``patch_layers`` blocks over heads and
             layers and drop the prefix rows/columns -> ``patch`` [B, N, N] (EHM's similarity). 0 skips it.
@@ -140,12 +293,16 @@ def attention_maps(
             heads averaged -> ``cls`` [B, N] (AttnMask's score).
         num_prefix_tokens: P, the CLS (and register) tokens in front of the patches.
 
-    Bad ``blocks`` / ``tokens`` (not blocks, wrong rank, width or device, fewer than P + 1
-    tokens) and bad ints raise an error naming them. NaN/Inf in ``tokens`` are not an error here:
-    they propagate into the maps, which the caller checks (the trainer's NonFiniteError).
+    The probabilities are those the blocks compute (read by a hook, fused attention off for the
+    blocks read). Blocks that take positions from their model (RoPE, shared relative positions:
+    EVA-02, RoPE ViTs, ``vit_srelpos``, BEiT with a shared bias) are refused, since ``block(x)``
+    would run them without: use :func:`attention_similarity` on the model for those. The blocks
+    run in eval mode for the pass (no dropout), their modes restored after. Bad ``blocks`` /
+    ``tokens`` and bad ints raise an error naming them. NaN/Inf in ``tokens`` are not an error
+    here: they propagate into the maps, which the caller checks (the trainer's NonFiniteError).
 
     Cost: ``max(patch_layers, len(blocks) if cls_from_last else 0)`` block forwards on the full
-    sequence, the read ones with unfused attention (a [B, heads, T, T] tensor each).
+    sequence, the last one stopped right after its softmax.
     """
     if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
         raise ArgumentTypeError(
@@ -163,49 +320,52 @@ def attention_maps(
     cls_from_last = _require_bool(cls_from_last, "cls_from_last")
     if cls_from_last and num_prefix_tokens < 1:
         raise ValueError("cls_from_last needs a CLS token (num_prefix_tokens >= 1)")
-    last = len(blocks) if cls_from_last else patch_layers
-    for i in range(last):
-        if i < patch_layers or (cls_from_last and i == last - 1):  # the blocks whose attention is read
-            _check_block(blocks[i], f"blocks[{i}]")
-        elif not callable(blocks[i]):
+    cls_index = len(blocks) - 1 if cls_from_last else None
+    recorder, read = _read_blocks(blocks, patch_layers, cls_index)
+    last = read[-1] if read else -1
+    for i in range(last + 1):
+        if not callable(blocks[i]):
             raise ArgumentTypeError(f"blocks[{i}] must be a module, got {type(blocks[i]).__name__}")
+        _refuse_model_level_inputs(blocks[i], f"blocks[{i}]")
     _check_tokens(tokens, "tokens", blocks[0] if blocks else nn.Module(), min_tokens=num_prefix_tokens + 1)
-    p = num_prefix_tokens
-    last = len(blocks) if cls_from_last else patch_layers
-    x = tokens
-    patch_sum = None
-    cls = None
-    for i in range(last):
-        block = blocks[i]
-        need_output = i < last - 1  # the last block's output is not needed
-        if i < patch_layers or (cls_from_last and i == last - 1):
-            probs, out = _read_block(block, x, need_output)  # heads averaged: [B, T, T]
-            if i < patch_layers:
-                layer = probs[:, p:, p:]
-                patch_sum = layer if patch_sum is None else patch_sum + layer
-            if cls_from_last and i == last - 1:
-                cls = probs[:, 0, p:]
-            if need_output:
-                x = out
-        elif need_output:
+    if not read:
+        return AttentionMaps(patch=None, cls=None)
+    run = nn.ModuleList(blocks[: last + 1])
+    with _eval_mode(run), recorder.attached():
+        x = tokens
+        for block in run:
             x = block(x)
-    patch = patch_sum / patch_layers if patch_sum is not None else None
-    return AttentionMaps(patch=patch, cls=cls)
+    return _maps_from(recorder, patch_layers, cls_index, num_prefix_tokens)
 
 
-@torch.no_grad()
-def attention_similarity(model: nn.Module, images: torch.Tensor, layers: int | None = None) -> torch.Tensor:
-    """Head- and layer-averaged patch attention ``[B, N, N]`` of a timm ``VisionTransformer``
-    (CLS and register tokens dropped): the similarity EHM/EPM mask from, as the trainer computes it.
+def _model_layout(model: Any) -> str:
+    """"timm" (a timm ViT: ``forward_features`` and ``num_prefix_tokens``) or "mae" (the layout of
+    facebookresearch/mae's ``MaskedAutoencoderViT``: ``cls_token`` and a ``pos_embed`` with a CLS
+    row, added as its ``forward_encoder`` does); a TypeError naming what is missing otherwise."""
+    name = type(model).__name__
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(
+            f"model must be a timm VisionTransformer-family model or an MAE-layout ViT, got {name}"
+        )
+    missing = [attr for attr in ("patch_embed", "blocks") if not hasattr(model, attr)]
+    if missing:
+        raise ArgumentTypeError(
+            f"model must be a timm VisionTransformer-family model or an MAE-layout ViT; {name} has no "
+            f"{' and no '.join(missing)}"
+        )
+    if hasattr(model, "forward_features") and hasattr(model, "num_prefix_tokens"):
+        return "timm"
+    missing = [attr for attr in ("cls_token", "pos_embed") if not isinstance(getattr(model, attr, None), torch.Tensor)]
+    if missing:
+        raise ArgumentTypeError(
+            f"model must be a timm VisionTransformer-family model (forward_features, num_prefix_tokens) or an "
+            f"MAE-layout ViT (cls_token, pos_embed); {name} has neither forward_features with num_prefix_tokens "
+            f"nor {' and '.join(missing)}, so where its CLS and position embeddings go is unknown"
+        )
+    return "mae"
 
-    One no-grad pass: patch embedding, position embedding and ``norm_pre``, then the first
-    ``layers`` blocks (default half the depth) with fused attention switched off for exactly those
-    blocks. Cost: ``layers`` block forwards on the full sequence (no patch dropout), about
-    ``layers / depth`` of an encoder forward, plus the materialised attention.
-    """
-    blocks = getattr(model, "blocks", None)
-    if blocks is None or not hasattr(model, "patch_embed"):
-        raise TypeError(f"model must be a timm VisionTransformer (patch_embed, blocks), got {type(model).__name__}")
+
+def _check_images(model: nn.Module, images: Any) -> None:
     _require_tensor(images, "images")
     if images.dim() != 4:
         raise ValueError(f"images must be a [B, C, H, W] tensor, got shape {list(images.shape)}")
@@ -215,18 +375,78 @@ def attention_similarity(model: nn.Module, images: torch.Tensor, layers: int | N
     if isinstance(channels, int) and images.shape[1] != channels:
         raise ValueError(f"images must have C = {channels} channels (the model's), got shape {list(images.shape)}")
     size = getattr(embed, "img_size", None)
-    if getattr(embed, "strict_img_size", False) and size is not None and tuple(images.shape[2:]) != tuple(size):
+    strict = getattr(embed, "strict_img_size", True) and not getattr(embed, "dynamic_img_size", False)
+    if strict and size is not None and tuple(images.shape[2:]) != tuple(size):
         raise ValueError(f"images must be {tuple(size)} pixels (the model's img_size), got shape {list(images.shape)}")
     device = _module_device(model)
     if device is not None:
         _require_same_device(images, "images", device, "the model's parameters")
     _require_finite(images, "images")
-    depth = len(blocks)
+
+
+def _mae_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """MAE's ``forward_encoder`` up to the blocks, without its random masking."""
+    x = model.patch_embed(images)
+    pos = model.pos_embed
+    if pos.dim() != 3 or pos.shape[1] != x.shape[1] + 1:
+        raise ArgumentTypeError(
+            f"{type(model).__name__}.pos_embed must hold a CLS row and one row per patch "
+            f"([1, {x.shape[1] + 1}, D], MAE's layout), got {list(pos.shape)}"
+        )
+    x = x + pos[:, 1:, :]
+    cls = (model.cls_token + pos[:, :1, :]).expand(x.shape[0], -1, -1)
+    return torch.cat([cls, x], dim=1)
+
+
+@torch.no_grad()
+def attention_similarity(model: nn.Module, images: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+    """Head- and layer-averaged patch attention ``[B, N, N]`` of a ViT's first ``layers`` blocks
+    (CLS and register tokens dropped): the similarity EHM/EPM mask from (EHM Sec. V-E).
+
+    Supported models:
+
+    - timm ViT families (``VisionTransformer`` incl. post-norm/``ResPostBlock``, parallel-scaling
+      and register variants, DeiT, ``VisionTransformerRelPos`` incl. shared relative positions,
+      ``Eva`` incl. EVA-02 and RoPE ViTs, BEiT): the model's own ``forward_features`` runs, so
+      every position embedding, bias and RoPE is the model's; prefix tokens from
+      ``num_prefix_tokens``.
+    - The layout of facebookresearch/mae's ``MaskedAutoencoderViT`` (and evomask's trainer):
+      ``patch_embed``, then ``+ pos_embed[:, 1:]``, ``cls_token + pos_embed[:, :1]`` prepended, then
+      ``blocks`` — its ``forward_encoder`` without the random masking.
+
+    Anything else, and blocks whose attention is not one readable softmax (parallel or
+    differential attention, talking heads, windows), raise a TypeError naming the model or block
+    and the reason. The pass runs in eval mode (no dropout or drop path; modes restored after),
+    without gradients, with fused attention off only in the blocks read, and stops right after
+    the last softmax needed: about ``layers / depth`` of an encoder forward. ``layers`` defaults
+    to half the depth.
+    """
+    layout = _model_layout(model)
+    blocks = model.blocks
+    try:
+        depth = len(blocks)
+    except TypeError:
+        raise ArgumentTypeError(f"model.blocks must be a sequence of blocks, got {type(blocks).__name__}") from None
+    _check_images(model, images)
     layers = depth // 2 if layers is None else layers
     layers = _require_int(layers, "layers", minimum=1, maximum=depth)
-    tokens = model.patch_embed(images)
-    tokens = model._pos_embed(tokens) if hasattr(model, "_pos_embed") else tokens
-    if hasattr(model, "norm_pre"):
-        tokens = model.norm_pre(tokens)
-    prefix = int(getattr(model, "num_prefix_tokens", 1))
-    return attention_maps(blocks, tokens, patch_layers=layers, num_prefix_tokens=prefix).patch
+    recorder, _ = _read_blocks(list(blocks), layers, None)
+    with _eval_mode(model):
+        if layout == "timm":
+            prefix = int(model.num_prefix_tokens)
+            with recorder.attached():
+                model.forward_features(images)
+        else:
+            prefix = 1
+            tokens = _mae_tokens(model, images)
+            with recorder.attached():
+                x = tokens
+                for block in blocks:
+                    x = block(x)
+    for i in range(layers):
+        if i not in recorder.probs:
+            raise ArgumentTypeError(
+                f"{type(model).__name__}'s forward did not run model.blocks[{i}]'s attention: its blocks are "
+                "not run in order by forward_features, so this model is not supported"
+            )
+    return _maps_from(recorder, layers, None, prefix).patch
