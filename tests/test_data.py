@@ -211,7 +211,8 @@ def test_embedded_loader_same_batches_for_0_and_2_workers():
 
 
 def test_image_folder_lists_images_sorted(folder):
-    ds = ImageFolderDataset(folder, SIZE)
+    with pytest.warns(UserWarning, match="notes.txt"):  # the one file left out is named
+        ds = ImageFolderDataset(folder, SIZE)
     rel = [os.path.relpath(p, folder).replace(os.sep, "/") for p in ds.paths]
     assert rel == sorted(rel)
     assert set(rel) == {
@@ -290,14 +291,32 @@ def test_image_folder_deleted_and_unreadable_files_are_skipped(folder, recwarn, 
     assert any("PermissionError" in m for m in msgs if "c.jpeg" in m)
 
 
-def test_image_folder_all_corrupt_raises_runtime_error(tmp_path, recwarn):
+def test_image_folder_all_corrupt_is_an_error_when_built(tmp_path, recwarn):
     root = tmp_path / "broken"
     (root / "x").mkdir(parents=True)
     (root / "x" / "one.jpg").write_bytes(b"\x00" * 100)
     (root / "two.png").write_bytes(b"definitely not a png")
+    from evomask_train.data import ImageFolderError
+
+    with pytest.raises(ImageFolderError, match="no readable image among the 2 files") as info:
+        ImageFolderDataset(root, SIZE)
+    assert "broken" in str(info.value) and "two.png" in str(info.value)
+    # the trainer reports ValueErrors against --data; callers of a dataset catch RuntimeErrors
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    assert len(our_warnings(recwarn)) == 2
+
+
+def test_image_folder_whose_files_all_go_bad_raises_in_getitem(tmp_path, recwarn):
+    rng = np.random.default_rng(5)
+    root = tmp_path / "rotting"
+    for name in ("a.png", "b.png"):
+        write_image(root / name, rng, "PNG")
     ds = ImageFolderDataset(root, SIZE)
+    for path in ds.paths:
+        with open(path, "wb") as f:
+            f.write(b"no longer a png")
     for i in range(len(ds)):
-        with pytest.raises(RuntimeError, match="broken"):
+        with pytest.raises(RuntimeError, match="rotting"):
             ds[i]
     assert len(our_warnings(recwarn)) == 2
 
@@ -329,6 +348,273 @@ def test_image_folder_workers_reproducible_with_same_seed(folder):
     assert first.shape == (6, 3, SIZE, SIZE)
     assert torch.equal(first, second)
     assert not torch.equal(first, other)
+
+
+# --------------------------------------------------------------------------------------------
+# Image folder: listing (links, duplicates, what is left out)
+# --------------------------------------------------------------------------------------------
+
+
+def skipped_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if w.category.__name__ == "SkippedFilesWarning"]
+
+
+def rel_paths(ds, root) -> list[str]:
+    return [os.path.relpath(p, root).replace(os.sep, "/") for p in ds.paths]
+
+
+def test_symlink_loop_lists_every_file_once(tmp_path, recwarn):
+    rng = np.random.default_rng(20)
+    root = tmp_path / "looped"
+    write_image(root / "a" / "x.png", rng, "PNG")
+    write_image(root / "a" / "b" / "y.png", rng, "PNG")
+    os.symlink(root, root / "a" / "b" / "up")  # a link back to an ancestor
+    ds = ImageFolderDataset(root, SIZE)
+    assert rel_paths(ds, root) == ["a/b/y.png", "a/x.png"]
+    msgs = skipped_warnings(recwarn)
+    assert len(msgs) == 1, msgs
+    assert "1 link(s) to folders already scanned" in msgs[0] and "up" in msgs[0]
+
+
+def test_links_to_one_folder_and_file_links_list_each_file_once(tmp_path, recwarn):
+    rng = np.random.default_rng(21)
+    root = tmp_path / "linked"
+    write_image(root / "real" / "x.png", rng, "PNG")
+    write_image(root / "real" / "y.png", rng, "PNG")
+    os.symlink(root / "real", root / "l1")
+    os.symlink(root / "real", root / "l2")
+    os.symlink(root / "real" / "x.png", root / "z.png")
+    os.link(root / "real" / "y.png", root / "hard.png")
+    # a folder outside the tree, reached only through a link, is read (under the link's path)
+    write_image(tmp_path / "elsewhere" / "w.png", rng, "PNG")
+    os.symlink(tmp_path / "elsewhere", root / "more")
+    ds = ImageFolderDataset(root, SIZE)
+    # the real paths win over the links; of two real paths (hard links) the first in order
+    assert rel_paths(ds, root) == ["hard.png", "more/w.png", "real/x.png"]
+    msgs = skipped_warnings(recwarn)
+    assert len(msgs) == 1, msgs
+    assert "2 more path(s) to images already listed" in msgs[0]
+    assert "'z.png' = 'real/x.png'" in msgs[0] and "'real/y.png' = 'hard.png'" in msgs[0]
+    assert "2 link(s) to folders already scanned" in msgs[0]
+    assert "'l1'" in msgs[0] and "'l2'" in msgs[0]
+
+
+def test_files_left_out_are_reported_once_by_extension(tmp_path, recwarn):
+    rng = np.random.default_rng(22)
+    root = tmp_path / "mixed"
+    write_image(root / "a.png", rng, "PNG")
+    for name in ("notes.txt", "b.txt", "sub/c.TXT", "logo.svg", "README", "sub/d.heic"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"not read")
+    os.mkfifo(root / "pipe.png")  # opening it would block the loader for ever
+    os.symlink(root / "nowhere.jpg", root / "broken.jpg")
+    ds = ImageFolderDataset(root, SIZE)
+    assert rel_paths(ds, root) == ["a.png"]
+    msgs = skipped_warnings(recwarn)
+    assert len(msgs) == 1, msgs
+    msg = msgs[0]
+    assert "\n" not in msg and "mixed" in msg
+    assert "6 file(s) of other types" in msg
+    assert ".txt: 3, e.g. 'b.txt', 'notes.txt', 'sub/c.TXT'" in msg
+    assert ".heic: 1, e.g. 'sub/d.heic'" in msg and ".svg: 1" in msg
+    assert "no extension: 1, e.g. 'README'" in msg
+    assert "special file" in msg and "'pipe.png'" in msg
+    assert "'broken.jpg'" in msg and "FileNotFoundError" in msg
+    # a folder with nothing left out warns nothing
+    clean = tmp_path / "clean"
+    write_image(clean / "only.png", rng, "PNG")
+    ImageFolderDataset(clean, SIZE)
+    assert len(skipped_warnings(recwarn)) == 1
+
+
+def test_folder_without_images_says_what_it_holds(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(4):
+        (root / f"IMG_{i}.HEIC").write_bytes(b"heic")
+    with pytest.raises(ValueError, match=r"photos.*\.heic: 4, e.g. 'IMG_0.HEIC'"):
+        ImageFolderDataset(root, SIZE)
+
+
+# --------------------------------------------------------------------------------------------
+# Image folder: pixels (bit depths, transparency, formats)
+# --------------------------------------------------------------------------------------------
+
+
+def unit_rgb(img) -> np.ndarray:
+    """The transform that stops before augmentation: the loaded image as RGB floats in [0, 1]."""
+    assert img.mode == "RGB"
+    return np.asarray(img, dtype=np.float64) / 255.0
+
+
+def read_one(path) -> np.ndarray:
+    ds = ImageFolderDataset(path.parent, SIZE, transform=unit_rgb)
+    return ds[ds.paths.index(str(path))]
+
+
+def gradient16(height=24, width=70) -> np.ndarray:
+    """A 16-bit gray image spanning 0..65535, with values that 8 bits cannot tell apart."""
+    ramp = np.rint(np.linspace(0, 65535, width)).astype(np.uint16)
+    img = np.tile(ramp, (height, 1))
+    img[1::2] = 65535 - img[1::2]
+    img[2, :3] = (1, 128, 65534)
+    return img
+
+
+def write_png16_rgb(path, rgb: np.ndarray) -> None:
+    """A 16-bit RGB PNG written by hand (PIL cannot write one)."""
+    import struct
+    import zlib
+
+    height, width, _ = rgb.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rgb)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("kind", ["png", "tiff", "tiff-big-endian", "tiff-int32", "pgm"])
+def test_16bit_gray_images_are_scaled_not_clipped(tmp_path, kind):
+    g = gradient16()
+    path = tmp_path / "d" / {"png": "g.png", "pgm": "g.pgm"}.get(kind, "g.tif")
+    path.parent.mkdir()
+    if kind == "tiff-big-endian":
+        img = Image.frombytes("I;16B", (g.shape[1], g.shape[0]), g.astype(">u2").tobytes())
+    elif kind == "tiff-int32":
+        img = Image.fromarray(g.astype(np.int32))  # PIL's 32-bit mode "I"
+    else:
+        img = Image.fromarray(g)
+    img.save(path)
+    px = read_one(path)
+    expected = (g / 65535.0)[..., None].repeat(3, axis=2)
+    assert np.abs(px - expected).max() <= 0.5 / 255 + 1e-9
+
+
+def test_16bit_rgb_images_keep_their_colours(tmp_path):
+    g = gradient16()
+    rgb = np.stack([g, 65535 - g, g // 3], axis=-1)
+    expected = rgb / 65535.0
+    write_png16_rgb(tmp_path / "d" / "rgb16.png", rgb)
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "d" / "rgb16.tif", rgb, photometric="rgb")
+    for name in ("rgb16.png", "rgb16.tif"):
+        px = read_one(tmp_path / "d" / name)
+        assert np.abs(px - expected).max() <= 1 / 255 + 1e-9, name  # PIL keeps the high byte
+
+
+def test_float_tiff_in_unit_range_is_read_as_is(tmp_path):
+    values = np.linspace(0, 1, 24 * 70, dtype=np.float32).reshape(24, 70)
+    values[0, :2] = (-0.01, 1.02)  # resampling overshoot: clipped
+    path = tmp_path / "d" / "f.tif"
+    path.parent.mkdir()
+    Image.fromarray(values).save(path)
+    px = read_one(path)
+    expected = np.clip(values, 0, 1)[..., None].repeat(3, axis=2)
+    assert np.abs(px - expected).max() <= 0.5 / 255 + 1e-6
+
+
+def test_images_of_unknown_range_are_refused_by_name(tmp_path, recwarn):
+    rng = np.random.default_rng(23)
+    root = tmp_path / "ranges"
+    write_image(root / "a_ok.png", rng, "PNG")
+    wide = np.linspace(0, 255, 24 * 70, dtype=np.float32).reshape(24, 70)
+    Image.fromarray(wide).save(root / "b_float255.tif")
+    nan = np.full((8, 8), 0.5, np.float32)
+    nan[3, 3] = np.nan
+    Image.fromarray(nan).save(root / "c_nan.tif")
+    Image.fromarray((np.arange(64, dtype=np.int32) * 100000).reshape(8, 8)).save(root / "d_i32.tif")
+    ds = ImageFolderDataset(root, SIZE, transform=unit_rgb)
+    ok = ds[0]
+    for i in (1, 2, 3):
+        assert np.array_equal(ds[i], ok)  # each falls back to the next readable image
+    msgs = our_warnings(recwarn)
+    assert len(msgs) == 3, msgs
+    by_file = {name: [m for m in msgs if name in m] for name in ("b_float", "c_nan", "d_i32")}
+    assert all(len(v) == 1 for v in by_file.values()), by_file
+    assert "UnsupportedImageError" in by_file["b_float"][0] and "[0, 255]" in by_file["b_float"][0]
+    assert "NaN" in by_file["c_nan"][0]
+    assert "32-bit integer" in by_file["d_i32"][0] and "6300000" in by_file["d_i32"][0]
+
+
+def test_load_image_names_the_file_it_refuses(tmp_path):
+    from evomask_train.data import UnsupportedImageError, load_image
+
+    path = tmp_path / "counts.tif"
+    Image.fromarray(np.full((4, 4), 3.5, np.float32)).save(path)
+    with pytest.raises(UnsupportedImageError, match=r"counts\.tif.*\[3\.5, 3\.5\]"):
+        load_image(path)
+    Image.fromarray(np.full((4, 4), 0.25, np.float32)).save(path)
+    img = load_image(path)
+    assert img.mode == "RGB" and np.array_equal(np.asarray(img), np.full((4, 4, 3), 64))
+
+
+def test_transparent_pixels_come_out_white(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[..., :3] = (255, 0, 0)  # red stored under the transparent pixels
+    rgba[:, 3:] = (0, 0, 255, 255)  # opaque blue
+    rgba[:, 2] = (0, 0, 0, 128)  # half-transparent black
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    px = read_one(d / "rgba.png")
+    assert np.allclose(px[:, :2], 1.0)
+    assert np.allclose(px[:, 3:], (0, 0, 1))
+    assert np.allclose(px[:, 2], 127 / 255, atol=1.5 / 255)
+
+    la = np.zeros((4, 6, 2), np.uint8)
+    la[:, 3:] = (40, 255)
+    Image.fromarray(la, "LA").save(d / "la.png")
+    px = read_one(d / "la.png")
+    assert np.allclose(px[:, :3], 1.0) and np.allclose(px[:, 3:], 40 / 255)
+
+    pal = Image.new("P", (6, 4), 0)
+    pal.putpalette([0, 0, 0, 0, 200, 0])
+    pal.paste(1, (3, 0, 6, 4))
+    pal.save(d / "pal.png", transparency=0)
+    px = read_one(d / "pal.png")
+    assert np.allclose(px[:, :3], 1.0) and np.allclose(px[:, 3:], (0, 200 / 255, 0))
+
+    g = gradient16(4, 6)
+    Image.fromarray(g).save(d / "key16.png", transparency=int(g[0, 0]))  # a 16-bit colour key
+    px = read_one(d / "key16.png")
+    assert np.allclose(px[g == g[0, 0]], 1.0)
+    assert np.abs(px[g != g[0, 0]][:, 0] - g[g != g[0, 0]] / 65535).max() <= 0.5 / 255 + 1e-9
+
+
+def test_gif_is_read_as_its_first_frame(tmp_path):
+    root = tmp_path / "gifs"
+    root.mkdir()
+    frames = [Image.new("RGB", (10, 8), c) for c in ((200, 30, 60), (10, 220, 90))]
+    frames[0].save(root / "anim.gif", save_all=True, append_images=frames[1:])
+    ds = ImageFolderDataset(root, SIZE, transform=unit_rgb)
+    assert rel_paths(ds, root) == ["anim.gif"]
+    assert np.allclose(ds[0], np.array((200, 30, 60)) / 255)
+    # and through the MAE augmentation, a normalized crop of that colour
+    x = ImageFolderDataset(root, SIZE)[0]
+    assert x.shape == (3, SIZE, SIZE)
+    assert torch.allclose(unnormalize(x), torch.tensor((200, 30, 60)).view(3, 1, 1) / 255,
+                          atol=2e-3)
+
+
+def test_8bit_images_read_as_pil_converts_them(tmp_path):
+    rng = np.random.default_rng(24)
+    d = tmp_path / "d"
+    d.mkdir()
+    rgb = smooth_rgb(rng, 20, 30)
+    Image.fromarray(rgb).save(d / "rgb.png")
+    Image.fromarray(rgb[..., 0]).save(d / "gray.png")
+    Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg", quality=95)
+    Image.fromarray(rgb).convert("P").save(d / "pal.bmp")
+    for name in ("rgb.png", "gray.png", "cmyk.jpg", "pal.bmp"):
+        with Image.open(d / name) as im:
+            expected = np.asarray(im.convert("RGB"), dtype=np.float64) / 255
+        assert np.array_equal(read_one(d / name), expected), name
 
 
 class RandomDrawDataset(Dataset):

@@ -5,8 +5,9 @@ mean/std) with MAE's pretraining augmentation (random resized crop with scale 0.
 random horizontal flip); labels are never returned, MAE does not use them.
 
 * :class:`ImageFolderDataset` reads any tree of images (``root/class_x/*.jpg`` or images directly
-  in ``root``) and skips unreadable files with one warning per file, never crashing a long run
-  on a bad JPEG.
+  in ``root``), each real file once however many links reach it, scales 16-bit and float images
+  correctly (:func:`load_image`), reports in one line what it left out, and skips unreadable
+  files with one warning per file, never crashing a long run on a bad JPEG.
 * :class:`EmbeddedImageDataset` needs no download: crops of the natural colour photos shipped
   inside scikit-image's wheel (:data:`EMBEDDED_IMAGES`). Sample ``i`` of epoch ``e`` is a pure
   function of ``(seed, e, i)``, so it is the same whatever the DataLoader's worker count.
@@ -17,12 +18,15 @@ random horizontal flip); labels are never returned, MAE does not use them.
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import random
+import stat
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -36,6 +40,11 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "EMBEDDED_IMAGES",
     "CorruptImageWarning",
+    "SkippedFilesWarning",
+    "ImageFolderError",
+    "UnsupportedImageError",
+    "FLOAT_SLACK",
+    "load_image",
     "mae_transform",
     "ImageFolderDataset",
     "EmbeddedImageDataset",
@@ -55,7 +64,8 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: File extensions :class:`ImageFolderDataset` picks up (compared case-insensitively).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm",
+     ".pnm"}
 )
 
 #: MAE's random-resized-crop area range and aspect-ratio range (torchvision's defaults).
@@ -83,6 +93,20 @@ EMBEDDED_IMAGES: tuple[tuple[str, str], ...] = (
 
 class CorruptImageWarning(UserWarning):
     """Warned (once per file and process) when :class:`ImageFolderDataset` skips an image."""
+
+
+class SkippedFilesWarning(UserWarning):
+    """Warned once when an :class:`ImageFolderDataset` is built, with what its scan left out."""
+
+
+# Both a ValueError, like any unusable argument (the trainer reports those against --data), and
+# a RuntimeError, as which callers catch a dataset whose files all went bad during a run.
+class ImageFolderError(ValueError, RuntimeError):
+    """An image folder holds no image file, or no image file that can be read."""
+
+
+class UnsupportedImageError(ValueError):
+    """An image file decodes, but its samples have no range :func:`load_image` can scale."""
 
 
 def _check_img_size(img_size: int) -> int:
@@ -138,19 +162,216 @@ def _warn_once(path: str, exc: BaseException) -> None:
     reason = f"{type(exc).__name__}: {exc}"
     reason = " ".join(reason.split())  # keep it to one line
     warnings.warn(
-        f"skipping unreadable image {path} ({reason})", CorruptImageWarning, stacklevel=3
+        f"skipping unreadable image {path} ({reason})", CorruptImageWarning, stacklevel=4
     )
 
 
-def _list_images(root: Path) -> list[str]:
-    found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for name in filenames:
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(os.path.join(dirpath, name))
-    found.sort()
-    return found
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+@dataclass
+class _FolderScan:
+    """What a walk of an image folder found: the images to read, and everything left out."""
+
+    images: list[str] = field(default_factory=list)
+    other_files: dict[str, list[str]] = field(default_factory=dict)  # extension -> paths
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (dropped, kept)
+    revisited_dirs: list[str] = field(default_factory=list)
+    not_files: list[str] = field(default_factory=list)  # FIFOs, sockets, devices
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def summary(self, root: str, examples: int = 3) -> str:
+        """One line naming, with counts and a few examples, everything the scan left out."""
+
+        def rel(path: str) -> str:
+            return repr(os.path.relpath(path, root))
+
+        def some(paths: Sequence[str]) -> str:
+            more = ", ..." if len(paths) > examples else ""
+            return ", ".join(rel(p) for p in paths[:examples]) + more
+
+        parts = []
+        if self.other_files:
+            n = sum(len(p) for p in self.other_files.values())
+            by_ext = sorted(self.other_files.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+            detail = "; ".join(
+                f"{ext or 'no extension'}: {len(paths)}, e.g. {some(paths)}"
+                for ext, paths in by_ext
+            )
+            parts.append(f"{n} file(s) of other types ({detail})")
+        if self.duplicates:
+            pairs = ", ".join(f"{rel(a)} = {rel(b)}" for a, b in self.duplicates[:examples])
+            more = ", ..." if len(self.duplicates) > examples else ""
+            parts.append(
+                f"{len(self.duplicates)} more path(s) to images already listed, through symlinks "
+                f"or hard links (e.g. {pairs}{more})"
+            )
+        if self.revisited_dirs:
+            parts.append(
+                f"{len(self.revisited_dirs)} link(s) to folders already scanned (a symlink loop or "
+                f"a second link to one folder; e.g. {some(self.revisited_dirs)})"
+            )
+        if self.not_files:
+            parts.append(f"{len(self.not_files)} special file(s) (FIFO, socket or device; "
+                         f"e.g. {some(self.not_files)})")
+        if self.unreadable:
+            shown = ", ".join(f"{rel(p)} ({why})" for p, why in self.unreadable[:examples])
+            more = ", ..." if len(self.unreadable) > examples else ""
+            parts.append(f"{len(self.unreadable)} path(s) that could not be examined (broken "
+                         f"symlinks, folders without read permission; e.g. {shown}{more})")
+        return "; ".join(parts)
+
+
+def _scan_folder(root: str) -> _FolderScan:
+    """Walk ``root``, following directory symlinks but entering each real directory once.
+
+    Directories are identified by ``(st_dev, st_ino)`` of their target, so a symlink loop or two
+    links to one folder are walked once; the real tree is walked first and linked folders after
+    it, so a folder that is both is listed under its real path. Image files are identified the
+    same way, so a file reached through several paths (symlinks, hard links) is listed once,
+    preferably under a path without links, else under the one that sorts first. Costs one
+    ``stat`` per entry.
+    """
+    scan = _FolderScan()
+    top = os.stat(root)
+    seen_dirs = {(top.st_dev, top.st_ino)}
+    found: list[tuple[bool, str, tuple[int, int]]] = []  # (through a link, path, file id)
+    stack: list[tuple[str, bool]] = [(root, False)]
+    links: collections.deque[tuple[str, tuple[int, int]]] = collections.deque()
+    while stack or links:
+        if stack:
+            folder, linked = stack.pop()
+        else:
+            folder, key = links.popleft()
+            if key in seen_dirs:
+                scan.revisited_dirs.append(folder)
+                continue
+            seen_dirs.add(key)
+            linked = True
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            scan.unreadable.append((folder, _one_line(exc)))
+            continue
+        subdirs = []
+        for entry in entries:
+            try:
+                st = entry.stat()  # of the link's target
+            except OSError as exc:
+                scan.unreadable.append((entry.path, _one_line(exc)))
+                continue
+            key = (st.st_dev, st.st_ino)
+            if stat.S_ISDIR(st.st_mode):
+                if entry.is_symlink():
+                    links.append((entry.path, key))
+                elif key in seen_dirs:  # a bind mount of a folder already walked
+                    scan.revisited_dirs.append(entry.path)
+                else:
+                    seen_dirs.add(key)
+                    subdirs.append((entry.path, linked))
+            elif not stat.S_ISREG(st.st_mode):
+                scan.not_files.append(entry.path)  # opening a FIFO would block the loader
+            else:
+                ext = os.path.splitext(entry.name)[1].lower()
+                if ext in IMAGE_EXTENSIONS:
+                    found.append((linked or entry.is_symlink(), entry.path, key))
+                else:
+                    scan.other_files.setdefault(ext, []).append(entry.path)
+        stack.extend(reversed(subdirs))  # depth first, in name order
+    kept: dict[tuple[int, int], str] = {}
+    for _, path, key in sorted(found):
+        if key in kept:
+            scan.duplicates.append((path, kept[key]))
+        else:
+            kept[key] = path
+            scan.images.append(path)
+    scan.images.sort()
+    scan.duplicates.sort()
+    return scan
+
+
+# PIL modes whose samples are not 8-bit: PIL's own conversion to RGB clips them to 0..255
+# (16-bit and 32-bit integers: almost white; floats in [0, 1]: black) instead of scaling.
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+#: How far float samples may stray outside [0, 1] (resampling overshoot) and still be read.
+FLOAT_SLACK = 0.05
+
+
+def _unit_samples(img, path: str) -> np.ndarray:
+    """The samples of a high-bit-depth PIL image scaled to [0, 1] (float64, ``[H, W]``)."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        if not np.isfinite(arr).all():
+            raise UnsupportedImageError(f"{path}: float samples include NaN or infinity")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -FLOAT_SLACK or hi > 1 + FLOAT_SLACK:
+            raise UnsupportedImageError(
+                f"{path}: float samples span [{lo:.6g}, {hi:.6g}]; only float images in [0, 1] "
+                f"are read (any other range would be a guess)"
+            )
+        return np.clip(arr.astype(np.float64), 0.0, 1.0)
+    if img.mode == "I":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise UnsupportedImageError(
+                f"{path}: 32-bit integer samples span [{lo}, {hi}]; only values in 0..65535 are "
+                f"read (as 16-bit), a wider integer range has no known white level"
+            )
+    return arr.astype(np.float64) / 65535.0
+
+
+def load_image(path: str | os.PathLike):
+    """Read an image file as an 8-bit RGB PIL image, scaling other bit depths to 8 bits.
+
+    * 8-bit images of any PIL mode (grayscale, palette, RGB, CMYK, YCbCr, LAB, HSV, ...) are
+      converted to RGB by PIL.
+    * Transparent pixels (an alpha channel, or a palette or colour key marked transparent) are
+      composited over white, as an image viewer shows them, instead of exposing whatever
+      colour happens to be stored under them.
+    * 16-bit samples (PIL modes ``I;16*``) are divided by 65535. 16-bit RGB(A) files, which PIL
+      reads as 8-bit, keep PIL's scaling (the high byte).
+    * 32-bit integer samples (mode ``I``): values within 0..65535 are read as 16-bit (PIL uses
+      this mode for some 16-bit files); any other range is refused, since it has no known white
+      level (dividing a 24-bit-valued image by 2**32 - 1 would give a black image).
+    * Float samples (mode ``F``, e.g. float32 TIFFs) are taken to lie in [0, 1]; values up to
+      :data:`FLOAT_SLACK` outside are clipped, a wider range, NaN or infinity is refused rather
+      than min-max stretched (which would change every image's contrast differently).
+    * Multi-frame files (GIF, WebP, TIFF) give their first frame.
+
+    High-bit-depth samples are rounded to 8 bits, as the MAE augmentation works on 8-bit PIL
+    images: the result is ``value / max`` within ``0.5 / 255``.
+
+    Args:
+        path: the image file.
+
+    Returns:
+        A PIL image of mode ``"RGB"``, fully decoded.
+
+    Raises:
+        UnsupportedImageError: the file reads, but its samples have no range this function can
+            scale correctly (the message names the file and the range found).
+        OSError: the file is missing, unreadable, corrupt or truncated (PIL's errors).
+    """
+    from PIL import Image
+
+    path = os.fspath(path)
+    with Image.open(path) as img:
+        img.load()  # a full decode: truncated files fail here
+        transparency = img.info.get("transparency")
+        if img.mode in _HIGH_DEPTH_MODES:
+            unit = _unit_samples(img, path)
+            gray = np.rint(unit * 255.0).astype(np.uint8)
+            if img.mode != "F" and isinstance(transparency, int):
+                gray[np.asarray(img) == transparency] = 255  # the colour key: white, as above
+            return Image.fromarray(gray).convert("RGB")
+        if img.mode in _ALPHA_MODES or transparency is not None:
+            rgba = (img.convert("LA") if img.mode == "La" else img).convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img.convert("RGB")
 
 
 class ImageFolderDataset(Dataset):
@@ -158,14 +379,22 @@ class ImageFolderDataset(Dataset):
 
     Every file under ``root`` (at any depth, so both ``root/class_x/img.jpg`` and ``root/img.jpg``
     work) whose extension is one of :data:`IMAGE_EXTENSIONS` (case-insensitive) is a sample; the
-    paths are sorted so indices are deterministic.
+    paths are sorted so indices are deterministic. Directory symlinks are followed, but each real
+    directory is entered once (a symlink loop, or two links to one folder, does not repeat its
+    files), and a file reached through several paths is listed once. Everything left out (files
+    of other types, repeated paths and folders, special files, broken links) is reported in one
+    :class:`SkippedFilesWarning` line when the dataset is built.
+
+    Pixels are read by :func:`load_image` (16-bit and float images scaled to [0, 1], transparency
+    over white, first frame of animations).
 
     A file that cannot be read (corrupt or truncated, deleted since the listing, no permission,
-    ...) is skipped: one :class:`CorruptImageWarning` line names the file and the reason (once per
-    file per process) and the sample falls back deterministically to index ``i + 1``, ``i + 2``,
-    ... (modulo the length) until a readable image is found. Only if no file at all is readable
-    does ``__getitem__`` raise a ``RuntimeError``. Indices found bad are remembered by the
-    instance and not retried.
+    pixels of an unknown range, ...) is skipped: one :class:`CorruptImageWarning` line names the
+    file and the reason (once per file per process) and the sample falls back deterministically
+    to index ``i + 1``, ``i + 2``, ... (modulo the length) until a readable image is found.
+    Indices found bad are remembered by the instance and not retried. The constructor reads
+    images from the first one until one decodes, so a folder with no readable image at all fails
+    at once; if every file goes bad later, ``__getitem__`` raises :class:`ImageFolderError`.
 
     Truncated JPEGs are detected because the image is fully decoded inside the guarded block;
     this relies on PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` being left at its default ``False``.
@@ -178,7 +407,7 @@ class ImageFolderDataset(Dataset):
     Raises:
         FileNotFoundError: ``root`` does not exist.
         NotADirectoryError: ``root`` is not a directory.
-        ValueError: ``root`` holds no image file.
+        ImageFolderError: ``root`` holds no image file, or none that can be read.
     """
 
     def __init__(self, root: str | os.PathLike, img_size: int, transform=None):
@@ -188,22 +417,53 @@ class ImageFolderDataset(Dataset):
         if not self.root.is_dir():
             raise NotADirectoryError(f"image folder {str(self.root)!r} is not a directory")
         self.img_size = _check_img_size(img_size)
-        self.paths: list[str] = _list_images(self.root)
+        scan = _scan_folder(str(self.root))
+        self.paths: list[str] = scan.images
+        skipped = scan.summary(str(self.root))
         if not self.paths:
             exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-            raise ValueError(f"no image files ({exts}) found under {str(self.root)!r}")
+            found = f"; found {skipped}" if skipped else ""
+            raise ImageFolderError(
+                f"no image files ({exts}) found under {str(self.root)!r}{found}"
+            )
+        if skipped:
+            warnings.warn(
+                f"image folder {str(self.root)!r}: {len(self.paths)} image(s) listed; not read: "
+                f"{skipped}",
+                SkippedFilesWarning,
+                stacklevel=2,
+            )
         self.transform = transform if transform is not None else mae_transform(self.img_size)
         self._bad: set[int] = set()
+        if self._first_readable(0) is None:
+            raise self._none_readable()
 
     def __len__(self) -> int:
         """Number of image files found at construction (readable or not)."""
         return len(self.paths)
 
-    def _load(self, index: int):
-        from PIL import Image
+    def _none_readable(self) -> ImageFolderError:
+        names = [os.path.relpath(self.paths[i], self.root) for i in sorted(self._bad)[:3]]
+        more = ", ..." if len(self._bad) > 3 else ""
+        return ImageFolderError(
+            f"no readable image among the {len(self.paths)} files under {str(self.root)!r} "
+            f"(e.g. {', '.join(map(repr, names))}{more}; the reasons were warned as "
+            f"{CorruptImageWarning.__name__})"
+        )
 
-        with Image.open(self.paths[index]) as img:
-            return img.convert("RGB")  # forces a full decode: truncated files fail here
+    def _first_readable(self, index: int):
+        """The first image at or cyclically after ``index`` that reads, or None if none does."""
+        n = len(self.paths)
+        for step in range(n):
+            i = (index + step) % n
+            if i in self._bad:
+                continue
+            try:
+                return load_image(self.paths[i])
+            except Exception as exc:  # corrupt, truncated, vanished, forbidden, too large...
+                self._bad.add(i)
+                _warn_once(self.paths[i], exc)
+        return None
 
     def __getitem__(self, index: int) -> torch.Tensor:
         """The augmented image ``[3, img_size, img_size]`` of sample ``index`` (or the next
@@ -214,18 +474,10 @@ class ImageFolderDataset(Dataset):
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
-        for step in range(n):
-            i = (index + step) % n
-            if i in self._bad:
-                continue
-            try:
-                img = self._load(i)
-            except Exception as exc:  # corrupt, truncated, vanished, forbidden, too large...
-                self._bad.add(i)
-                _warn_once(self.paths[i], exc)
-                continue
-            return self.transform(img)
-        raise RuntimeError(f"no readable image among the {n} files under {str(self.root)!r}")
+        img = self._first_readable(index)
+        if img is None:
+            raise self._none_readable()
+        return self.transform(img)
 
 
 # --------------------------------------------------------------------------------------------
