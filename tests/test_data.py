@@ -27,7 +27,6 @@ from evomask_train.data import (
     build_dataset,
     build_loader,
     mae_transform,
-    patch_grid,
     set_loader_epoch,
 )
 
@@ -653,7 +652,7 @@ def test_mae_transform_shape_and_range():
 
 
 # --------------------------------------------------------------------------------------------
-# build_dataset / build_loader / patch_grid
+# build_dataset / build_loader
 # --------------------------------------------------------------------------------------------
 
 
@@ -764,12 +763,3 @@ def test_set_loader_epoch_reseeds_a_plain_random_sampler():
     set_loader_epoch(b, 3)
     assert order(a) == order(b)
 
-
-def test_patch_grid():
-    assert patch_grid(224, 16) == (14, 14)
-    assert patch_grid(32, 4) == (8, 8)
-    assert patch_grid((64, 32), 16) == (4, 2)
-    with pytest.raises(ValueError, match="divisible"):
-        patch_grid(225, 16)
-    with pytest.raises(ValueError):
-        patch_grid(32, 0)

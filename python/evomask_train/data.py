@@ -53,7 +53,6 @@ __all__ = [
     "build_loader",
     "set_loader_epoch",
     "seed_worker",
-    "patch_grid",
     "load_embedded_images",
 ]
 
@@ -147,6 +146,11 @@ def mae_transform(img_size: int):
 # --------------------------------------------------------------------------------------------
 # Image folder
 # --------------------------------------------------------------------------------------------
+
+# Not torchvision's ImageFolder: it demands one subfolder per class (images directly in the root
+# are an error), walks directory symlinks with no loop check (a link to an ancestor lists every
+# file again at each depth), crashes a whole run on one corrupt file, and its loader's
+# ``convert("RGB")`` clips 16-bit and float pixels instead of scaling them.
 
 # Files already warned about in this process (absolute path strings); a DataLoader worker is a
 # process of its own, so each warns at most once per bad file as well.
@@ -514,6 +518,8 @@ def _sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & (2**63 - 1))
 
 
+# Not torchvision's RandomResizedCrop.get_params: it draws from torch's global generator, and a
+# sample here must be a function of (seed, epoch, index) alone, whatever the worker or order.
 def _crop_params(
     height: int, width: int, gen: torch.Generator
 ) -> tuple[int, int, int, int]:
@@ -766,26 +772,3 @@ def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
     if callable(dataset_set_epoch):
         dataset_set_epoch(epoch)
 
-
-def patch_grid(img_size: int | Sequence[int], patch_size: int) -> tuple[int, int]:
-    """The patch grid ``(H, W)`` of an image: ``img_size // patch_size`` along each side.
-
-    Args:
-        img_size: image side, or ``(height, width)``.
-        patch_size: side of a square patch.
-
-    Raises:
-        ValueError: a size is not positive or not divisible by ``patch_size``.
-    """
-    if isinstance(img_size, (int, np.integer)):
-        height = width = int(img_size)
-    else:
-        height, width = (int(s) for s in img_size)
-    patch_size = int(patch_size)
-    if patch_size <= 0 or height <= 0 or width <= 0:
-        raise ValueError(f"sizes must be positive: img_size={img_size!r}, patch_size={patch_size}")
-    if height % patch_size or width % patch_size:
-        raise ValueError(
-            f"img_size {img_size!r} is not divisible by patch_size {patch_size}"
-        )
-    return height // patch_size, width // patch_size
