@@ -1,5 +1,7 @@
 // Argument checks shared by the CPU and CUDA kernels. Every message names the argument and
-// what was expected, so a user's mistake never reaches a kernel.
+// what was expected, so a user's mistake never reaches a kernel. They are TORCH_CHECK_VALUE, a
+// ValueError in Python, because the Python wrappers and the reference raise ValueError for the
+// same mistakes: one exception class per mistake, whichever backend catches it.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -34,18 +36,18 @@ inline bool all_finite(const at::Tensor& t) {
 // Half, bfloat16 and float64 inputs are converted first, so they give exactly the tree of the
 // same values in float32 (DESIGN.md, linkage_tree).
 inline at::Tensor similarity_as_float(const at::Tensor& sim, const char* name) {
-  TORCH_CHECK(sim.dim() == 3, name, " must be a [B, N, N] tensor, got ", sim.dim(),
-              " dimension(s) with shape ", sim.sizes());
-  TORCH_CHECK(sim.size(1) == sim.size(2), name,
-              " must be square in its last two dimensions ([B, N, N]), got shape ", sim.sizes());
-  TORCH_CHECK(sim.size(1) >= 2, name, " needs at least N = 2 patches to build a tree, got N = ",
-              sim.size(1));
-  TORCH_CHECK(at::isFloatingType(sim.scalar_type()), name,
-              " must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
-              sim.scalar_type());
+  TORCH_CHECK_VALUE(sim.dim() == 3, name, " must be a [B, N, N] tensor, got ", sim.dim(),
+                    " dimension(s) with shape ", sim.sizes());
+  TORCH_CHECK_VALUE(sim.size(1) == sim.size(2), name,
+                    " must be square in its last two dimensions ([B, N, N]), got shape ", sim.sizes());
+  TORCH_CHECK_VALUE(sim.size(1) >= 2, name, " needs at least N = 2 patches to build a tree, got N = ",
+                    sim.size(1));
+  TORCH_CHECK_VALUE(at::isFloatingType(sim.scalar_type()), name,
+                    " must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
+                    sim.scalar_type());
   at::Tensor s = sim.to(at::kFloat).contiguous();
-  TORCH_CHECK(all_finite(s), name,
-              " contains NaN or Inf values (after conversion to float32); the tree is undefined");
+  TORCH_CHECK_VALUE(all_finite(s), name,
+                    " contains NaN or Inf values (after conversion to float32); the tree is undefined");
   return s;
 }
 
@@ -53,19 +55,19 @@ inline at::Tensor similarity_as_float(const at::Tensor& sim, const char* name) {
 // contiguous float32.
 inline at::Tensor check_hier_mask_args(const at::Tensor& attn, const at::Tensor& noise,
                                        double mask_ratio, double progress) {
-  TORCH_CHECK(mask_ratio > 0.0 && mask_ratio < 1.0, "mask_ratio must be in the open interval (0, 1), got ",
-              mask_ratio);
-  TORCH_CHECK(progress >= 0.0 && progress <= 1.0, "progress (t / T) must be in [0, 1], got ", progress);
-  TORCH_CHECK(noise.device() == attn.device(), "noise must be on the same device as attn (",
-              attn.device(), "), got ", noise.device());
-  TORCH_CHECK(noise.dim() == 2 && noise.size(0) == attn.size(0) && noise.size(1) == attn.size(1),
-              "noise must have shape [B, N] = [", attn.size(0), ", ", attn.size(1), "] to match attn, got ",
-              noise.sizes());
-  TORCH_CHECK(at::isFloatingType(noise.scalar_type()), "noise must be a floating-point tensor, got ",
-              noise.scalar_type());
+  TORCH_CHECK_VALUE(mask_ratio > 0.0 && mask_ratio < 1.0, "mask_ratio must be in the open interval (0, 1), got ",
+                    mask_ratio);
+  TORCH_CHECK_VALUE(progress >= 0.0 && progress <= 1.0, "progress (t / T) must be in [0, 1], got ", progress);
+  TORCH_CHECK_VALUE(noise.device() == attn.device(), "noise must be on the same device as attn (",
+                    attn.device(), "), got ", noise.device());
+  TORCH_CHECK_VALUE(noise.dim() == 2 && noise.size(0) == attn.size(0) && noise.size(1) == attn.size(1),
+                    "noise must have shape [B, N] = [", attn.size(0), ", ", attn.size(1), "] to match attn, got ",
+                    noise.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(noise.scalar_type()), "noise must be a floating-point tensor, got ",
+                    noise.scalar_type());
   at::Tensor n = noise.to(at::kFloat).contiguous();
-  TORCH_CHECK(all_finite(n),
-              "noise contains NaN or Inf values (after conversion to float32)");
+  TORCH_CHECK_VALUE(all_finite(n),
+                    "noise contains NaN or Inf values (after conversion to float32)");
   return n;
 }
 
@@ -73,27 +75,27 @@ inline at::Tensor check_hier_mask_args(const at::Tensor& attn, const at::Tensor&
 // float32. Non-finite values are rejected here so that no kernel ever sees them.
 inline std::pair<at::Tensor, at::Tensor> check_gmm_em_args(const at::Tensor& x, const at::Tensor& init_means,
                                                            int64_t num_iters, double reg_covar) {
-  TORCH_CHECK(x.dim() == 3, "x must be a [B, N, D] tensor, got shape ", x.sizes());
-  TORCH_CHECK(init_means.dim() == 3 && init_means.size(0) == x.size(0) && init_means.size(2) == x.size(2),
-              "init_means must be [B, K, D] = [", x.size(0), ", K, ", x.size(2), "], got shape ",
-              init_means.sizes());
-  TORCH_CHECK(init_means.size(1) >= 1, "init_means needs at least K = 1 component");
-  TORCH_CHECK(x.size(1) >= 1, "x needs at least N = 1 point");
-  TORCH_CHECK(x.size(2) >= 1, "x needs at least D = 1 dimension");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()) && at::isFloatingType(init_means.scalar_type()),
-              "x and init_means must be floating-point, got ", x.scalar_type(), " and ",
-              init_means.scalar_type());
-  TORCH_CHECK(init_means.device() == x.device(), "init_means must be on x's device (", x.device(), "), got ",
-              init_means.device());
-  TORCH_CHECK(num_iters >= 0, "num_iters must be >= 0, got ", num_iters);
-  TORCH_CHECK(reg_covar > 0.0 && std::isfinite(reg_covar), "reg_covar must be a finite value > 0, got ",
-              reg_covar);
+  TORCH_CHECK_VALUE(x.dim() == 3, "x must be a [B, N, D] tensor, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(init_means.dim() == 3 && init_means.size(0) == x.size(0) && init_means.size(2) == x.size(2),
+                    "init_means must be [B, K, D] = [", x.size(0), ", K, ", x.size(2), "], got shape ",
+                    init_means.sizes());
+  TORCH_CHECK_VALUE(init_means.size(1) >= 1, "init_means needs at least K = 1 component");
+  TORCH_CHECK_VALUE(x.size(1) >= 1, "x needs at least N = 1 point");
+  TORCH_CHECK_VALUE(x.size(2) >= 1, "x needs at least D = 1 dimension");
+  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()) && at::isFloatingType(init_means.scalar_type()),
+                    "x and init_means must be floating-point, got ", x.scalar_type(), " and ",
+                    init_means.scalar_type());
+  TORCH_CHECK_VALUE(init_means.device() == x.device(), "init_means must be on x's device (", x.device(), "), got ",
+                    init_means.device());
+  TORCH_CHECK_VALUE(num_iters >= 0, "num_iters must be >= 0, got ", num_iters);
+  TORCH_CHECK_VALUE(reg_covar > 0.0 && std::isfinite(reg_covar), "reg_covar must be a finite float > 0, got ",
+                    reg_covar);
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor mf = init_means.to(at::kFloat).contiguous();
-  TORCH_CHECK(all_finite(xf),
-              "x contains NaN or Inf values (after conversion to float32)");
-  TORCH_CHECK(all_finite(mf),
-              "init_means contains NaN or Inf values (after conversion to float32)");
+  TORCH_CHECK_VALUE(all_finite(xf),
+                    "x contains NaN or Inf values (after conversion to float32)");
+  TORCH_CHECK_VALUE(all_finite(mf),
+                    "init_means contains NaN or Inf values (after conversion to float32)");
   return {xf, mf};
 }
 

@@ -1,5 +1,6 @@
 """Fake (meta) kernels: output shapes and dtypes without computing, for torch.compile and
-FakeTensor tracing. They mirror the shape checks of the real kernels."""
+FakeTensor tracing. They mirror the shape checks of the real kernels, with the same exception
+class (ValueError, ``torch._check_value``)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import torch
 
 
 def _check_similarity(sim: torch.Tensor, name: str) -> tuple[int, int]:
-    torch._check(sim.dim() == 3, lambda: f"{name} must be a [B, N, N] tensor, got shape {tuple(sim.shape)}")
-    torch._check(sim.shape[1] == sim.shape[2], lambda: f"{name} must be square, got shape {tuple(sim.shape)}")
-    torch._check(sim.shape[1] >= 2, lambda: f"{name} needs at least N = 2 patches")
+    torch._check_value(sim.dim() == 3, lambda: f"{name} must be a [B, N, N] tensor, got shape {tuple(sim.shape)}")
+    torch._check_value(sim.shape[1] == sim.shape[2], lambda: f"{name} must be square, got shape {tuple(sim.shape)}")
+    torch._check_value(sim.shape[1] >= 2, lambda: f"{name} needs at least N = 2 patches")
     return sim.shape[0], sim.shape[1]
 
 
@@ -28,23 +29,23 @@ def _linkage_tree_fake(sim):
 @torch.library.register_fake("evomask::hier_mask")
 def _hier_mask_fake(attn, noise, mask_ratio, progress):
     b, n = _check_similarity(attn, "attn")
-    torch._check(
+    torch._check_value(
         noise.device == attn.device,
         lambda: f"noise must be on the same device as attn ({attn.device}), got {noise.device}",
     )
-    torch._check(noise.shape == (b, n), lambda: f"noise must have shape [B, N] = [{b}, {n}]")
+    torch._check_value(noise.shape == (b, n), lambda: f"noise must have shape [B, N] = [{b}, {n}]")
     return attn.new_empty((b, n), dtype=torch.bool)
 
 
 @torch.library.register_fake("evomask::gmm_em")
 def _gmm_em_fake(x, init_means, num_iters, reg_covar):
-    torch._check(x.dim() == 3, lambda: f"x must be a [B, N, D] tensor, got shape {tuple(x.shape)}")
-    torch._check(
+    torch._check_value(x.dim() == 3, lambda: f"x must be a [B, N, D] tensor, got shape {tuple(x.shape)}")
+    torch._check_value(
         init_means.dim() == 3 and init_means.shape[0] == x.shape[0] and init_means.shape[2] == x.shape[2],
         lambda: f"init_means must be [B, K, D] = [{x.shape[0]}, K, {x.shape[2]}], got shape {tuple(init_means.shape)}",
     )
     # A meta tensor among real ones routes the call here: name the mix instead of returning garbage.
-    torch._check(
+    torch._check_value(
         init_means.device == x.device,
         lambda: f"init_means must be on x's device ({x.device}), got {init_means.device}",
     )

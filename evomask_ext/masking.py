@@ -503,7 +503,7 @@ class EHMMask(MaskStrategy):
     ``progress = 0`` this equals the ``random`` strategy from the same seed. ``attn`` is moved to
     ``ctx.device`` first (a no-op when the trainer already has it there). A missing ``attn`` or
     one of the wrong shape or dtype raises ValueError here; NaN/Inf values are caught by the op
-    itself (RuntimeError, like every ``torch.ops.evomask`` check).
+    itself (also ValueError, like every ``torch.ops.evomask`` check).
     """
 
     name = "ehm"

@@ -195,6 +195,5 @@ def gmm_em(
     _require_tensor(x, "x")
     _require_tensor(init_means, "init_means")
     num_iters = _require_int(num_iters, "num_iters", minimum=0)
-    # +Inf passes on to the op, which refuses it itself (RuntimeError, as on every backend).
-    reg_covar = _require_real(reg_covar, "reg_covar", greater_than=0.0, finite=False)
+    reg_covar = _require_real(reg_covar, "reg_covar", greater_than=0.0)
     return GaussianMixture(*torch.ops.evomask.gmm_em(x, init_means, num_iters, reg_covar))

@@ -21,9 +21,10 @@ __all__ = ["linkage_tree", "hier_mask", "gmm_em", "masked_count", "mask_depth", 
 
 
 def _check(condition: bool, message: str) -> None:
-    # RuntimeError, like TORCH_CHECK in the compiled kernels, so every backend fails alike.
+    # ValueError, like TORCH_CHECK_VALUE in the compiled kernels and the wrappers' own checks, so
+    # every backend and entry point fails alike.
     if not condition:
-        raise RuntimeError(message)
+        raise ValueError(message)
 
 
 def _similarity_as_float(sim: torch.Tensor, name: str) -> torch.Tensor:
@@ -284,7 +285,7 @@ def gmm_em(
     _check(x.is_floating_point() and init_means.is_floating_point(), "x and init_means must be floating-point")
     _check(init_means.device == x.device, f"init_means must be on x's device ({x.device}), got {init_means.device}")
     _check(num_iters >= 0, f"num_iters must be >= 0, got {num_iters}")
-    _check(reg_covar > 0.0 and math.isfinite(reg_covar), f"reg_covar must be a finite value > 0, got {reg_covar}")
+    _check(reg_covar > 0.0 and math.isfinite(reg_covar), f"reg_covar must be a finite float > 0, got {reg_covar}")
     xf, init_f = x.float(), init_means.float()
     _check(bool(torch.isfinite(xf).all()), "x contains NaN or Inf values (after conversion to float32)")
     _check(bool(torch.isfinite(init_f).all()), "init_means contains NaN or Inf values (after conversion to float32)")

@@ -204,7 +204,7 @@ def _is_builder(value: Any) -> bool:
     return bool(params) and params[0] == "g"
 
 
-VE, TE, RE = ValueError, TypeError, RuntimeError
+VE, TE = ValueError, TypeError
 CASES: list[Bad] = []
 
 
@@ -263,7 +263,7 @@ table(evomask_ext.draw_noise, lambda g: dict(batch=B, num_patches=N, device="cpu
 table(evomask_ext.hier_mask, lambda g: dict(attn=attn_of(g)), "hier_mask", [
     ("generator-str", dict(generator="seed"), TE, r"^generator must be a torch\.Generator"),
     ("attn-on-meta-noise-on-cpu", dict(attn=lambda g: meta(attn_of(g)), noise=noise_of),
-     RE, r"^noise must be on the same device as attn \(meta\), got cpu"),
+     VE, r"^noise must be on the same device as attn \(meta\), got cpu"),
     ("attn-on-meta-no-noise-generator-str", dict(attn=lambda g: meta(attn_of(g)), generator=1),
      TE, r"^generator must be a torch\.Generator"),
     ("attn-rank-2-drawn-noise", dict(attn=lambda g: torch.rand(N, N, generator=g)), VE, r"^attn must be a \[B, N, N\]"),
@@ -309,24 +309,25 @@ table(evomask_ext.gmm_em, GMM, "gmm_em", [
     ("x-list", dict(x=[[[0.0]]]), TE, r"^x must be a torch\.Tensor"),
     ("init_means-ndarray", dict(init_means=np.zeros((B, 2, 3), np.float32)), TE, r"^init_means must be a torch\.Tensor"),
     ("init_means-on-meta", dict(init_means=lambda g: torch.rand(B, 2, 3, device="meta")),
-     RE, r"^init_means must be on x's device \(cpu\), got meta"),
+     VE, r"^init_means must be on x's device \(cpu\), got meta"),
     ("x-on-meta", dict(x=lambda g: torch.rand(B, 12, 3, device="meta")),
-     RE, r"^init_means must be on x's device \(meta\), got cpu"),
-    ("x-int64", dict(x=lambda g: torch.ones(B, 12, 3, dtype=torch.long)), RE, r"^x and init_means must be floating"),
+     VE, r"^init_means must be on x's device \(meta\), got cpu"),
+    ("x-int64", dict(x=lambda g: torch.ones(B, 12, 3, dtype=torch.long)), VE, r"^x and init_means must be floating"),
     ("init_means-bool", dict(init_means=lambda g: torch.ones(B, 2, 3, dtype=torch.bool)),
-     RE, r"^x and init_means must be floating"),
-    ("x-rank-4", dict(x=lambda g: torch.rand(1, B, 12, 3)), RE, r"^x must be a \[B, N, D\]"),
-    ("x-N=0", dict(x=lambda g: torch.rand(B, 0, 3)), RE, r"^x needs at least N = 1"),
-    ("x-Inf", dict(x=lambda g: poke(torch.randn(B, 12, 3, generator=g), -INF)), RE, r"^x contains NaN or Inf"),
+     VE, r"^x and init_means must be floating"),
+    ("x-rank-4", dict(x=lambda g: torch.rand(1, B, 12, 3)), VE, r"^x must be a \[B, N, D\]"),
+    ("x-N=0", dict(x=lambda g: torch.rand(B, 0, 3)), VE, r"^x needs at least N = 1"),
+    ("x-Inf", dict(x=lambda g: poke(torch.randn(B, 12, 3, generator=g), -INF)), VE, r"^x contains NaN or Inf"),
     ("init_means-NaN", dict(init_means=lambda g: poke(torch.randn(B, 2, 3, generator=g), NAN)),
-     RE, r"^init_means contains NaN or Inf"),
+     VE, r"^init_means contains NaN or Inf"),
     *int_rows("num_iters", 0),
-    ("reg_covar-inf", dict(reg_covar=INF), RE, r"^reg_covar must be a finite value > 0"),  # the op's check
-    ("reg_covar--inf", dict(reg_covar=-INF), VE, r"^reg_covar must be a float > 0"),
-    ("reg_covar-str", dict(reg_covar="1e-6"), TE, r"^reg_covar must be a float > 0"),
-    ("reg_covar-bool", dict(reg_covar=True), TE, r"^reg_covar must be a float > 0"),
-    ("reg_covar-None", dict(reg_covar=None), TE, r"^reg_covar must be a float > 0"),
-    ("reg_covar-tensor", dict(reg_covar=torch.tensor(1e-6)), TE, r"^reg_covar must be a float > 0"),
+    ("reg_covar-inf", dict(reg_covar=INF), VE, r"^reg_covar must be a finite float > 0, got inf"),
+    ("reg_covar-0", dict(reg_covar=0.0), VE, r"^reg_covar must be a finite float > 0, got 0"),
+    ("reg_covar--inf", dict(reg_covar=-INF), VE, r"^reg_covar must be a finite float > 0"),
+    ("reg_covar-str", dict(reg_covar="1e-6"), TE, r"^reg_covar must be a finite float > 0"),
+    ("reg_covar-bool", dict(reg_covar=True), TE, r"^reg_covar must be a finite float > 0"),
+    ("reg_covar-None", dict(reg_covar=None), TE, r"^reg_covar must be a finite float > 0"),
+    ("reg_covar-tensor", dict(reg_covar=torch.tensor(1e-6)), TE, r"^reg_covar must be a finite float > 0"),
 ])
 
 # has_kernel -----------------------------------------------------------------------------------
@@ -513,8 +514,7 @@ for _name in sorted(STRATEGIES):
 for _name, _field, _shape in (("ehm", "attn", (B, N, N)), ("epm", "attn", (B, N, N)), ("attn", "cls_attn", (B, N))):
     _call = functools.partial(call_strategy, _name)
     _rand = functools.partial(lambda shape, g: torch.rand(*shape, generator=g), _shape)
-    _nan_error, _nan_match = (RE, r"^attn contains NaN or Inf") if _name == "ehm" else (
-        VE, rf"^(MaskContext\.)?{_field} contains NaN or Inf")
+    _nan_error, _nan_match = VE, rf"^(MaskContext\.)?{_field} contains NaN or Inf"
     table(_call, lambda g: dict(g=g), f"strategy[{_name}]", [
         (f"{_field}-None", {_field: None}, VE, rf"needs MaskContext\.{_field}, got None"),
         (f"{_field}-list", {_field: [[0.5]]}, TE, rf"^MaskContext\.{_field} must be a torch\.Tensor"),
@@ -710,7 +710,7 @@ table(call_masker, lambda g: dict(attn=attn_of(g)), "EvolvedMasker()", [
     ("attn-N=1", dict(attn=lambda g: torch.rand(B, 1, 1)), VE, r"^attn needs at least N = 2"),
     ("attn-N-not-square", dict(attn=lambda g: attn_of(g, n=15)), VE, r"^num_patches N = 15 is not a square grid"),
     ("attn-int", dict(attn=lambda g: torch.ones(B, N, N, dtype=torch.long)), VE, r"^MaskContext\.attn must be a floating-point"),
-    ("attn-NaN", dict(attn=lambda g: poke(attn_of(g), NAN)), RE, r"^attn contains NaN or Inf"),
+    ("attn-NaN", dict(attn=lambda g: poke(attn_of(g), NAN)), VE, r"^attn contains NaN or Inf"),
     ("attn-on-meta-device-cpu", dict(attn=lambda g: meta(attn_of(g)), device="cpu"),
      VE, r"^MaskContext\.attn is on the meta device .* cannot be moved to cpu"),
     ("batch_size-contradicts-attn", dict(batch_size=5), VE, r"^batch_size = 5 contradicts attn's shape"),
@@ -758,9 +758,13 @@ def test_bad_input_is_named(case: Bad, gen):
     kwargs = case.kwargs(gen)
     with pytest.raises(case.error, match=case.match) as info:
         case.call(**kwargs)
-    # Wrong Python types are TypeErrors that are also ValueErrors (ArgumentTypeError), so code
-    # that caught the ValueError these checks raised before keeps working.
-    if case.error is TypeError and type(info.value) is not TypeError:
+    # One class per mistake: a bad value is exactly a ValueError, whether the wrapper, the op's
+    # kernel or the reference noticed it (no RuntimeError, no ArgumentTypeError). Wrong Python
+    # types are TypeErrors that are also ValueErrors (ArgumentTypeError), so code that caught
+    # the ValueError these checks raised before keeps working.
+    if case.error is ValueError:
+        assert type(info.value) is ValueError, type(info.value).__mro__
+    elif case.error is TypeError and type(info.value) is not TypeError:
         assert isinstance(info.value, ValueError) and isinstance(info.value, ArgumentTypeError)
 
 

@@ -1,8 +1,16 @@
 """Bad input: every entry point (the op, the reference, the Python wrapper) rejects it with a
-clear error naming the offending argument, instead of computing garbage."""
+clear error naming the offending argument, instead of computing garbage.
+
+One exception class per mistake, the same from every entry point and backend: a bad value
+(shape, dtype, device, NaN/Inf, a scalar out of range) is exactly a ValueError (the kernels'
+TORCH_CHECK_VALUE, the reference's and the wrappers' checks), a wrong Python type a TypeError.
+``raises_exactly`` checks the class itself, not a subclass or a sibling (a RuntimeError, or the
+wrappers' ArgumentTypeError, which is also a ValueError, would not pass for a ValueError).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -15,6 +23,14 @@ import evomask_ext
 from evomask_ext import reference
 
 B, N = 3, 7
+
+
+@contextlib.contextmanager
+def raises_exactly(error: type[Exception], match: str):
+    """``pytest.raises(error, match=match)`` that also requires the class to be exactly ``error``."""
+    with pytest.raises(error, match=match) as info:
+        yield info
+    assert type(info.value) is error, f"{type(info.value).__mro__} raised, expected exactly {error.__name__}"
 
 
 def nan_at(x: torch.Tensor, value: float) -> torch.Tensor:
@@ -64,9 +80,9 @@ LINKAGE_TARGETS = {
 @pytest.mark.parametrize("target", sorted(LINKAGE_TARGETS))
 @pytest.mark.parametrize("case", sorted(BAD_SIMILARITY))
 def test_linkage_tree_rejects_bad_sim(target, case, gen):
-    """linkage_tree: wrong rank, non-square, N < 2, non-finite, non-float -> RuntimeError naming sim."""
+    """linkage_tree: wrong rank, non-square, N < 2, non-finite, non-float -> ValueError naming sim."""
     build, message = BAD_SIMILARITY[case]
-    with pytest.raises(RuntimeError, match=r"^sim " + message):
+    with raises_exactly(ValueError, r"^sim " + message):
         LINKAGE_TARGETS[target](build(gen))
 
 
@@ -93,16 +109,13 @@ HIER_TARGETS = {
 @pytest.mark.parametrize("target", sorted(HIER_TARGETS) + ["wrapper-drawn-noise"])
 @pytest.mark.parametrize("case", sorted(BAD_SIMILARITY))
 def test_hier_mask_rejects_bad_attn(target, case, gen):
-    """hier_mask: the same attn errors, naming attn. The wrapper drawing its own noise checks the
-    rank itself (ValueError); everything else is the op's RuntimeError."""
+    """hier_mask: the same attn errors, naming attn, ValueError from every entry point (the wrapper
+    drawing its own noise checks the rank itself, the rest is the op's)."""
     build, message = BAD_SIMILARITY[case]
     attn = build(gen)
     noise = torch.rand(B, N, generator=gen)
     fn = hier_wrapper_drawn if target == "wrapper-drawn-noise" else HIER_TARGETS[target]
-    expected = RuntimeError
-    if target == "wrapper-drawn-noise" and case.startswith("rank"):
-        expected = ValueError
-    with pytest.raises(expected, match=r"^attn " + message):
+    with raises_exactly(ValueError, r"^attn " + message):
         fn(attn, noise, 0.75, 0.5)
 
 
@@ -119,7 +132,6 @@ class Case:
     noise: Callable[[torch.Generator], Any] | None = None
     mask_ratio: Any = 0.75
     progress: Any = 0.5
-    wrapper_error: type[Exception] = RuntimeError  # what evomask_ext.hier_mask raises
     marks: list = field(default_factory=list)
 
 
@@ -149,8 +161,8 @@ BAD_HIER_ARGS: dict[str, Case] = {
     "noise-on-cuda-attn-on-cpu": Case(
         r"^noise must be on the same device", noise=lambda g: torch.rand(B, N, device="cuda"), marks=CUDA_ONLY
     ),
-    **{f"mask_ratio-{v}": Case(RATIO_MESSAGE, mask_ratio=v, wrapper_error=ValueError) for v in BAD_RATIOS},
-    **{f"progress-{v}": Case(PROGRESS_MESSAGE, progress=v, wrapper_error=ValueError) for v in BAD_PROGRESS},
+    **{f"mask_ratio-{v}": Case(RATIO_MESSAGE, mask_ratio=v) for v in BAD_RATIOS},
+    **{f"progress-{v}": Case(PROGRESS_MESSAGE, progress=v) for v in BAD_PROGRESS},
 }
 
 
@@ -158,13 +170,11 @@ BAD_HIER_ARGS: dict[str, Case] = {
 @pytest.mark.parametrize("case", [pytest.param(k, marks=v.marks, id=k) for k, v in sorted(BAD_HIER_ARGS.items())])
 def test_hier_mask_rejects_bad_args(target, case, gen):
     """hier_mask: bad noise (shape, dtype, values, device), mask_ratio outside (0, 1) and progress
-    outside [0, 1] raise an error naming the argument (ValueError from the wrapper's own scalar
-    checks, RuntimeError otherwise)."""
+    outside [0, 1] raise a ValueError naming the argument, whichever entry point checks it."""
     spec = BAD_HIER_ARGS[case]
     attn = torch.rand(B, N, N, generator=gen)
     noise = spec.noise(gen) if spec.noise else torch.rand(B, N, generator=gen)
-    expected = spec.wrapper_error if target == "wrapper" else RuntimeError
-    with pytest.raises(expected, match=spec.match):
+    with raises_exactly(ValueError, spec.match):
         HIER_TARGETS[target](attn, noise, spec.mask_ratio, spec.progress)
 
 
@@ -174,7 +184,7 @@ def test_hier_mask_rejects_bad_args(target, case, gen):
 def test_hier_mask_rejects_cpu_noise_for_cuda_attn(target, gen):
     """CUDA attn with CPU noise: an error naming noise, not a kernel reading host memory."""
     attn = torch.rand(B, N, N, generator=gen).cuda()
-    with pytest.raises(RuntimeError, match=r"^noise must be on the same device"):
+    with raises_exactly(ValueError, r"^noise must be on the same device"):
         HIER_TARGETS[target](attn, torch.rand(B, N, generator=gen), 0.75, 0.5)
 
 
@@ -215,7 +225,9 @@ def test_linkage_tree_wrapper_type_error():
 
 
 def test_op_rejects_wrong_scalar_type(gen):
-    """The op's schema itself rejects a string mask_ratio (RuntimeError naming mask_ratio)."""
+    """The op's schema itself rejects a string mask_ratio, naming mask_ratio: torch's argument
+    parser raises RuntimeError before any evomask code runs (the one exception to the family
+    rule; the wrappers raise TypeError for it, see test_hier_mask_wrapper_type_errors)."""
     with pytest.raises(RuntimeError, match="mask_ratio"):
         hier_op(torch.rand(B, N, N, generator=gen), torch.rand(B, N, generator=gen), "0.75", 0.5)
 
@@ -234,19 +246,25 @@ def gmm_inputs(gen, n=12, d=3, k=2):
     "kwargs,error,match",
     [
         (dict(num_iters=-1), ValueError, r"^num_iters"),
-        (dict(num_iters=2.5), ValueError, r"^num_iters"),
-        (dict(num_iters=True), ValueError, r"^num_iters"),
+        (dict(num_iters=2.5), TypeError, r"^num_iters"),
+        (dict(num_iters=True), TypeError, r"^num_iters"),
         (dict(reg_covar=0.0), ValueError, r"^reg_covar"),
         (dict(reg_covar=-1e-6), ValueError, r"^reg_covar"),
         (dict(reg_covar=math.nan), ValueError, r"^reg_covar"),
+        (dict(reg_covar=math.inf), ValueError, r"^reg_covar must be a finite float > 0, got inf"),
     ],
-    ids=["iters-negative", "iters-float", "iters-bool", "reg-zero", "reg-negative", "reg-NaN"],
+    ids=["iters-negative", "iters-float", "iters-bool", "reg-zero", "reg-negative", "reg-NaN", "reg-Inf"],
 )
 def test_gmm_em_wrapper_rejects_bad_scalars(kwargs, error, match, gen):
-    """evomask_ext.gmm_em validates num_iters and reg_covar."""
+    """evomask_ext.gmm_em validates num_iters and reg_covar: a wrong type is a TypeError, a bad
+    value exactly a ValueError (reg_covar = 0 and reg_covar = inf alike)."""
     x, means = gmm_inputs(gen)
-    with pytest.raises(error, match=match):
-        evomask_ext.gmm_em(x, means, **kwargs)
+    if error is TypeError:
+        with pytest.raises(TypeError, match=match):
+            evomask_ext.gmm_em(x, means, **kwargs)
+    else:
+        with raises_exactly(error, match):
+            evomask_ext.gmm_em(x, means, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -264,5 +282,5 @@ def test_gmm_em_wrapper_rejects_bad_scalars(kwargs, error, match, gen):
 def test_gmm_em_op_rejects_bad_tensors(make, match, gen):
     """torch.ops.evomask.gmm_em rejects malformed x / init_means with a message naming them."""
     args = make(*gmm_inputs(gen))
-    with pytest.raises(RuntimeError, match=match):
+    with raises_exactly(ValueError, match):
         torch.ops.evomask.gmm_em(*args, 3, 1e-6)

@@ -637,22 +637,23 @@ GMM_TARGETS = {
 )
 def test_rejects_bad_tensors(case, target, gen):
     """Malformed x / init_means (rank, shapes, empty N/K/D, dtype, NaN/Inf also after float32
-    conversion, device) raise a RuntimeError naming the argument from every entry point."""
+    conversion, device) raise exactly a ValueError naming the argument from every entry point."""
     build, message = BAD_GMM_TENSORS[case]
     x, init = build(gen)
-    with pytest.raises(RuntimeError, match=message):
+    with pytest.raises(ValueError, match=message) as info:
         GMM_TARGETS[target](x, init, 3, 1e-6)
+    assert type(info.value) is ValueError
 
 
-# id -> (num_iters, reg_covar, regex, error of the wrapper)
+# id -> (num_iters, reg_covar, regex)
 BAD_GMM_SCALARS = {
-    "iters-negative": (-1, 1e-6, r"^num_iters", ValueError),
-    "iters-very-negative": (-(2**40), 1e-6, r"^num_iters", ValueError),
-    "reg-zero": (3, 0.0, r"^reg_covar", ValueError),
-    "reg-negative": (3, -1e-6, r"^reg_covar", ValueError),
-    "reg-NaN": (3, math.nan, r"^reg_covar", ValueError),
-    "reg-Inf": (3, math.inf, r"^reg_covar", RuntimeError),  # the wrapper passes it on; the op refuses
-    "reg--Inf": (3, -math.inf, r"^reg_covar", ValueError),
+    "iters-negative": (-1, 1e-6, r"^num_iters"),
+    "iters-very-negative": (-(2**40), 1e-6, r"^num_iters"),
+    "reg-zero": (3, 0.0, r"^reg_covar"),
+    "reg-negative": (3, -1e-6, r"^reg_covar"),
+    "reg-NaN": (3, math.nan, r"^reg_covar"),
+    "reg-Inf": (3, math.inf, r"^reg_covar must be a finite float > 0, got inf"),
+    "reg--Inf": (3, -math.inf, r"^reg_covar"),
 }
 _COVERED_SCALARS = {(c, "wrapper") for c in ("iters-negative", "reg-zero", "reg-negative", "reg-NaN")}
 
@@ -662,12 +663,12 @@ _COVERED_SCALARS = {(c, "wrapper") for c in ("iters-negative", "reg-zero", "reg-
     [(c, t) for c in sorted(BAD_GMM_SCALARS) for t in sorted(GMM_TARGETS) if (c, t) not in _COVERED_SCALARS],
 )
 def test_rejects_bad_scalars(case, target, gen):
-    """num_iters < 0 and reg_covar <= 0, NaN or Inf: an error naming the argument (the wrapper's
-    own ValueError where it checks, RuntimeError from the op and the reference)."""
-    num_iters, reg, message, wrapper_error = BAD_GMM_SCALARS[case]
-    error = wrapper_error if target == "wrapper" else RuntimeError
-    with pytest.raises(error, match=message):
+    """num_iters < 0 and reg_covar <= 0, NaN or Inf: exactly a ValueError naming the argument,
+    from the wrapper, the op and the reference alike."""
+    num_iters, reg, message = BAD_GMM_SCALARS[case]
+    with pytest.raises(ValueError, match=message) as info:
         GMM_TARGETS[target](_x(gen), _init(gen), num_iters, reg)
+    assert type(info.value) is ValueError
 
 
 @pytest.mark.cuda
@@ -679,8 +680,9 @@ def test_rejects_mixed_devices(target, where, gen):
     host memory."""
     x, init = _x(gen), _init(gen)
     x, init = (x.cuda(), init) if where == "x-on-cuda" else (x, init.cuda())
-    with pytest.raises(RuntimeError, match=r"^init_means must be on x's device"):
+    with pytest.raises(ValueError, match=r"^init_means must be on x's device") as info:
         GMM_TARGETS[target](x, init, 3, 1e-6)
+    assert type(info.value) is ValueError
 
 
 @pytest.mark.parametrize(

@@ -14,14 +14,14 @@ namespace {
 GmmOutputs gmm_em_cuda(const at::Tensor& x, const at::Tensor& init_means, int64_t num_iters, double reg_covar) {
   // Before the guard: with x on the CPU and init_means on a GPU the call lands here, and the
   // guard would fail on a CPU device with a less useful message.
-  TORCH_CHECK(init_means.device() == x.device(), "init_means must be on x's device (", x.device(), "), got ",
-              init_means.device());
+  TORCH_CHECK_VALUE(init_means.device() == x.device(), "init_means must be on x's device (", x.device(), "), got ",
+                    init_means.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto [xf, mf] = check_gmm_em_args(x, init_means, num_iters, reg_covar);
   const int64_t batch = xf.size(0), n = xf.size(1), d = xf.size(2), k = mf.size(1);
-  TORCH_CHECK(n * d < INT32_MAX && n * k < INT32_MAX && k * d < INT32_MAX,
-              "gmm_em: one item's x, resp or means exceeds 2^31 elements (N=", n, ", D=", d, ", K=", k, ")");
-  TORCH_CHECK(num_iters < INT32_MAX, "num_iters must be < 2^31, got ", num_iters);
+  TORCH_CHECK_VALUE(n * d < INT32_MAX && n * k < INT32_MAX && k * d < INT32_MAX,
+                    "gmm_em: one item's x, resp or means exceeds 2^31 elements (N=", n, ", D=", d, ", K=", k, ")");
+  TORCH_CHECK_VALUE(num_iters < INT32_MAX, "num_iters must be < 2^31, got ", num_iters);
   GmmOutputs out = empty_gmm_em_outputs(xf, k);
   auto& [resp, means, variances, weights, log_likelihood] = out;
   if (batch == 0) return out;

@@ -29,8 +29,8 @@ __global__ void select_kernel(int64_t batch, int64_t n, const int64_t* __restric
 
 at::Tensor hier_mask_cuda(const at::Tensor& attn, const at::Tensor& noise, double mask_ratio, double progress) {
   // The dispatcher lands here if either tensor is on CUDA: name the mismatch before any guard.
-  TORCH_CHECK(noise.device() == attn.device(), "noise must be on the same device as attn (", attn.device(),
-              "), got ", noise.device());
+  TORCH_CHECK_VALUE(noise.device() == attn.device(), "noise must be on the same device as attn (", attn.device(),
+                    "), got ", noise.device());
   const c10::cuda::CUDAGuard guard(attn.device());
   const at::Tensor s = similarity_as_float(attn, "attn");
   const at::Tensor keys = check_hier_mask_args(attn, noise, mask_ratio, progress);
