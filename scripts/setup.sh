@@ -19,7 +19,7 @@ if ! python -c "import torch, torchvision" 2>/dev/null; then
   pip install -q $TORCH_SPEC
 fi
 echo "[setup] installing build and runtime dependencies"
-pip install -q scikit-build-core pybind11 ninja "cmake>=3.26" numpy \
+pip install -q scikit-build-core ninja "cmake>=3.26" numpy \
   pytest scipy scikit-learn fastcluster hypothesis \
   "timm>=1.0" tqdm tensorboard matplotlib scikit-image pillow transformers
 # lightly's format is tested against its own helpers; --no-deps keeps it from replacing torch or
