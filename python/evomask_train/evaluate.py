@@ -487,7 +487,9 @@ def linear_probe(
         raise ValueError(f"the linear probe needs at least 2 training features, got {n}")
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
-    head = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False, eps=1e-6), torch.nn.Linear(dim, num_classes))
+    # skip_init: nn.Linear's own initialisation would draw from the global generator.
+    linear = torch.nn.utils.skip_init(torch.nn.Linear, dim, num_classes)
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
     torch.nn.init.trunc_normal_(head[1].weight, std=0.01, generator=gen)
     torch.nn.init.zeros_(head[1].bias)
     head.to(device)
@@ -544,6 +546,25 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def _state_dict_mismatch(expected: dict, found) -> str:
+    """What keeps ``found`` from loading into a model whose state dict is ``expected`` ('' if nothing)."""
+    if not isinstance(found, dict):
+        return f"the model entry is a {type(found).__name__}, not a state dict"
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [k for k in expected if k in found and tuple(getattr(found[k], "shape", ())) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing (first: {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+    if reshaped:
+        k = reshaped[0]
+        parts.append(f"{len(reshaped)} of another shape (first: {k} is {list(getattr(found[k], 'shape', []))} in the "
+                     f"file, {list(expected[k].shape)} in the model)")
+    return "; ".join(parts)
+
+
 def load_encoder(checkpoint: str | os.PathLike, device: str | torch.device = "cpu", model_size: str | None = None):
     """The :class:`MaskedAutoencoder` of an ``evomask-pretrain`` checkpoint, in eval mode on ``device``.
 
@@ -590,14 +611,13 @@ def load_encoder(checkpoint: str | os.PathLike, device: str | torch.device = "cp
     if model_size is not None and model_size != size:
         raise EvaluationStopped(f"--checkpoint {path} holds a ViT-{size} encoder, but --model {model_size} was asked for")
     model = build_mae(size, img_size, patch_size, bool(saved.get("norm_pix_loss", True)))
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+    problem = _state_dict_mismatch(model.state_dict(), weights)
+    if problem:
         raise EvaluationStopped(
             f"--checkpoint {path}: its weights do not fit the ViT-{size} ({img_size} px, patch {patch_size}) its "
-            f"saved arguments describe: {first}"
-        ) from exc
+            f"saved arguments describe: {problem}"
+        )
+    model.load_state_dict(weights)
     info = {"path": str(path), "step": int(state["step"]), "epoch": float(state.get("epoch", float("nan"))),
             "model": size, "img_size": img_size, "patch_size": patch_size, "mask": saved.get("mask")}
     return model.to(device).eval(), info
