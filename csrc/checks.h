@@ -71,6 +71,12 @@ inline at::Tensor check_hier_mask_args(const at::Tensor& attn, const at::Tensor&
   return n;
 }
 
+// The most EM iterations one gmm_em call may run: the whole loop runs inside one op call, which
+// Ctrl-C cannot interrupt, so an unbounded count could hang a process for hours. 1000 is 10x
+// scikit-learn's default max_iter and 100x EPM's 10. The Python side has the same bound
+// (evomask_ext._checks.MAX_EM_ITERS) and message.
+constexpr int64_t kMaxEmIters = 1000;
+
 // Validates gmm_em's arguments (x [B, N, D], init_means [B, K, D]); returns both as contiguous
 // float32. Non-finite values are rejected here so that no kernel ever sees them.
 inline std::pair<at::Tensor, at::Tensor> check_gmm_em_args(const at::Tensor& x, const at::Tensor& init_means,
@@ -87,7 +93,8 @@ inline std::pair<at::Tensor, at::Tensor> check_gmm_em_args(const at::Tensor& x, 
                     init_means.scalar_type());
   TORCH_CHECK_VALUE(init_means.device() == x.device(), "init_means must be on x's device (", x.device(), "), got ",
                     init_means.device());
-  TORCH_CHECK_VALUE(num_iters >= 0, "num_iters must be >= 0, got ", num_iters);
+  TORCH_CHECK_VALUE(num_iters >= 0 && num_iters <= kMaxEmIters, "num_iters must be an int in [0, ", kMaxEmIters,
+                    "] (the EM loop runs in one uninterruptible op call), got ", num_iters);
   TORCH_CHECK_VALUE(reg_covar > 0.0 && std::isfinite(reg_covar), "reg_covar must be a finite float > 0, got ",
                     reg_covar);
   at::Tensor xf = x.to(at::kFloat).contiguous();

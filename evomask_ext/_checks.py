@@ -13,6 +13,16 @@ import numpy as np
 import torch
 
 
+#: The most EM iterations one ``gmm_em`` call may run. The whole EM loop runs inside one op call,
+#: which Ctrl-C cannot interrupt (the kernels never return to Python in between), so an unbounded
+#: count could hang a process for hours. 1000 is 10x scikit-learn's default ``max_iter`` and 100x
+#: EPM's 10 iterations: far beyond any useful fit, still bounded. Same bound in the kernels
+#: (csrc/checks.h) and the reference.
+MAX_EM_ITERS = 1000
+#: The reason that messages about ``num_iters`` / ``em_iters`` give, so that every backend says the same.
+EM_ITERS_HINT = " (the EM loop runs in one uninterruptible op call)"
+
+
 class ArgumentTypeError(TypeError, ValueError):
     """An argument of the wrong Python type (e.g. ``2.5`` or ``True`` where an int is expected).
 

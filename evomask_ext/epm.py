@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from .ops import (
+    EM_ITERS_HINT,
+    MAX_EM_ITERS,
     _require_bool,
     _require_finite,
     _require_floating,
@@ -98,7 +100,7 @@ def part_labels(
         attn: ``[B, N, N]`` floating-point, finite attention (N >= 1).
         num_parts: K, an int >= 1; capped at N.
         noise: ``[B, N]`` floating-point, finite keys on ``attn``'s device (picks the initial means).
-        em_iters: EM iterations (>= 0).
+        em_iters: EM iterations, in [0, 1000] (:func:`evomask_ext.gmm_em`'s bound).
         reg_covar: added to the mixture's variances (> 0).
     """
     _check_attn(attn, min_patches=1)
@@ -107,7 +109,7 @@ def part_labels(
     _require_same_device(noise, "noise", attn.device, "attn")
     _require_shape(noise, "noise", tuple(attn.shape[:2]), "[B, N]")
     _require_floating(noise, "noise")
-    em_iters = _require_int(em_iters, "em_iters", minimum=0)
+    em_iters = _require_int(em_iters, "em_iters", minimum=0, maximum=MAX_EM_ITERS, hint=EM_ITERS_HINT)
     reg_covar = _require_real(reg_covar, "reg_covar", greater_than=0.0)
     _require_finite(attn, "attn")
     _require_finite(noise, "noise")
@@ -141,7 +143,7 @@ def part_mask(
         progress: training progress ``t / T`` in [0, 1].
         num_parts: K; default :func:`num_parts_schedule` (40 -> 10 over training). Capped at N.
         gamma: exponent of ``alpha = progress ** gamma`` (> 0; the paper's default 2).
-        em_iters: EM iterations (>= 0).
+        em_iters: EM iterations, in [0, 1000] (:func:`evomask_ext.gmm_em`'s bound).
         generator: source of every random draw (None: torch's global RNG). Draws, in order: the
             ``[B, N]`` noise (:func:`evomask_ext.draw_noise`; picks the initial means and breaks
             ties), the ``[B, 2, 2]`` grid table, the ``[B, K]`` part table.
@@ -165,7 +167,7 @@ def part_mask(
         num_parts = num_parts_schedule(progress)
     num_parts = _require_int(num_parts, "num_parts", minimum=1, hint=" or None")
     gamma = _require_real(gamma, "gamma", greater_than=0.0)
-    em_iters = _require_int(em_iters, "em_iters", minimum=0)
+    em_iters = _require_int(em_iters, "em_iters", minimum=0, maximum=MAX_EM_ITERS, hint=EM_ITERS_HINT)
     reg_covar = _require_real(reg_covar, "reg_covar", greater_than=0.0)
     return_parts = _require_bool(return_parts, "return_parts")
     _require_generator(generator)

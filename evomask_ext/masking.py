@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from .ops import (
+    EM_ITERS_HINT,
+    MAX_EM_ITERS,
     ArgumentTypeError,
     _move_to,
     _require_device,
@@ -532,7 +534,7 @@ class EPMMask(MaskStrategy):
             num_parts = _require_int(num_parts, "num_parts", minimum=1)
         self.num_parts = num_parts
         self.gamma = _require_real(gamma, "gamma", greater_than=0.0)
-        self.em_iters = _require_int(em_iters, "em_iters", minimum=0)
+        self.em_iters = _require_int(em_iters, "em_iters", minimum=0, maximum=MAX_EM_ITERS, hint=EM_ITERS_HINT)
 
     def _mask(self, ctx: MaskContext, progress: float) -> torch.Tensor:
         from .epm import part_mask

@@ -32,6 +32,8 @@ class GaussianMixture(NamedTuple):
 
 # The shared argument checks (re-exported: the package's modules import them from here).
 from ._checks import (  # noqa: F401
+    EM_ITERS_HINT,
+    MAX_EM_ITERS,
     ArgumentTypeError,
     _require_tensor,
     _is_real_number,
@@ -184,7 +186,9 @@ def gmm_em(
     Args:
         x: ``[B, N, D]`` points (EPM: the rows of each image's attention map, D = N).
         init_means: ``[B, K, D]`` initial means (EPM: K rows of ``x``).
-        num_iters: EM iterations (>= 0); a final E-step gives the returned responsibilities.
+        num_iters: EM iterations, an int in [0, :data:`MAX_EM_ITERS`] (1000); a final E-step gives
+            the returned responsibilities. Bounded because the whole loop runs inside one op call,
+            which Ctrl-C cannot interrupt (10x scikit-learn's default ``max_iter``).
         reg_covar: added to every variance (> 0); keeps empty components finite.
 
     Returns:
@@ -194,6 +198,6 @@ def gmm_em(
     """
     _require_tensor(x, "x")
     _require_tensor(init_means, "init_means")
-    num_iters = _require_int(num_iters, "num_iters", minimum=0)
+    num_iters = _require_int(num_iters, "num_iters", minimum=0, maximum=MAX_EM_ITERS, hint=EM_ITERS_HINT)
     reg_covar = _require_real(reg_covar, "reg_covar", greater_than=0.0)
     return GaussianMixture(*torch.ops.evomask.gmm_em(x, init_means, num_iters, reg_covar))

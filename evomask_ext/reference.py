@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ._checks import _require_int, _require_tensor, _require_unit_interval
+from ._checks import EM_ITERS_HINT, MAX_EM_ITERS, _require_int, _require_tensor, _require_unit_interval
 
 __all__ = ["linkage_tree", "hier_mask", "gmm_em", "masked_count", "mask_depth", "group_labels"]
 
@@ -284,7 +284,10 @@ def gmm_em(
     _check(x.shape[2] >= 1, "x needs at least D = 1 dimension")
     _check(x.is_floating_point() and init_means.is_floating_point(), "x and init_means must be floating-point")
     _check(init_means.device == x.device, f"init_means must be on x's device ({x.device}), got {init_means.device}")
-    _check(num_iters >= 0, f"num_iters must be >= 0, got {num_iters}")
+    _check(
+        0 <= num_iters <= MAX_EM_ITERS,
+        f"num_iters must be an int in [0, {MAX_EM_ITERS}]{EM_ITERS_HINT}, got {num_iters}",
+    )
     _check(reg_covar > 0.0 and math.isfinite(reg_covar), f"reg_covar must be a finite float > 0, got {reg_covar}")
     xf, init_f = x.float(), init_means.float()
     _check(bool(torch.isfinite(xf).all()), "x contains NaN or Inf values (after conversion to float32)")

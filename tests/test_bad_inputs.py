@@ -320,7 +320,8 @@ table(evomask_ext.gmm_em, GMM, "gmm_em", [
     ("x-Inf", dict(x=lambda g: poke(torch.randn(B, 12, 3, generator=g), -INF)), VE, r"^x contains NaN or Inf"),
     ("init_means-NaN", dict(init_means=lambda g: poke(torch.randn(B, 2, 3, generator=g), NAN)),
      VE, r"^init_means contains NaN or Inf"),
-    *int_rows("num_iters", 0),
+    *int_rows("num_iters", 0, too_big=1001, message=r"^num_iters must be an int in \[0, 1000\] \(the EM loop runs in one uninterruptible op call\)"),
+    ("num_iters-ten-million", dict(num_iters=10**7), VE, r"^num_iters must be an int in \[0, 1000\] .*, got 10000000$"),
     ("reg_covar-inf", dict(reg_covar=INF), VE, r"^reg_covar must be a finite float > 0, got inf"),
     ("reg_covar-0", dict(reg_covar=0.0), VE, r"^reg_covar must be a finite float > 0, got 0"),
     ("reg_covar--inf", dict(reg_covar=-INF), VE, r"^reg_covar must be a finite float > 0"),
@@ -389,7 +390,7 @@ table(evomask_ext.part_mask, lambda g: dict(attn=attn_of(g), mask_ratio=0.75, pr
     ("gamma-NaN", dict(gamma=NAN), VE, r"^gamma must be a finite float > 0"),
     ("gamma-str", dict(gamma="2"), TE, r"^gamma must be a finite float > 0"),
     ("gamma-bool", dict(gamma=True), TE, r"^gamma must be a finite float > 0"),
-    *int_rows("em_iters", 0),
+    *int_rows("em_iters", 0, too_big=1001, message=r"^em_iters must be an int in \[0, 1000\]"),
     ("reg_covar-0", dict(reg_covar=0.0), VE, r"^reg_covar must be a finite float > 0"),
     ("reg_covar-str", dict(reg_covar="small"), TE, r"^reg_covar must be a finite float > 0"),
     ("grid-str", dict(grid="44"), VE, r"^grid must be a pair \(H, W\)"),
@@ -421,7 +422,7 @@ table(epm.part_labels, lambda g: dict(attn=attn_of(g), num_parts=3, noise=noise_
     ("noise-NaN", dict(noise=lambda g: poke(noise_of(g), NAN)), VE, r"^noise contains NaN or Inf"),
     ("noise-on-meta", dict(noise=lambda g: meta(noise_of(g))), VE, r"^noise must be on the same device as attn \(cpu\)"),
     ("attn-on-meta", dict(attn=lambda g: meta(attn_of(g))), VE, r"^noise must be on the same device as attn \(meta\)"),
-    *int_rows("em_iters", 0),
+    *int_rows("em_iters", 0, too_big=1001, message=r"^em_iters must be an int in \[0, 1000\]"),
     ("reg_covar-negative", dict(reg_covar=-1.0), VE, r"^reg_covar must be a finite float > 0"),
 ])
 
@@ -569,7 +570,7 @@ table(lambda **kw: build_strategy("block", 0.5, **kw), lambda g: dict(), "strate
 ])
 table(lambda **kw: build_strategy("epm", 0.5, **kw), lambda g: dict(), "strategy[epm]", [
     *int_rows("num_parts", 1, none_ok=True),  # None: the schedule
-    *int_rows("em_iters", 0),
+    *int_rows("em_iters", 0, too_big=1001, message=r"^em_iters must be an int in \[0, 1000\]"),
     ("gamma-0", dict(gamma=0.0), VE, r"^gamma must be a finite float > 0"),
     ("gamma-Inf", dict(gamma=INF), VE, r"^gamma must be a finite float > 0"),
     ("gamma-str", dict(gamma="2"), TE, r"^gamma must be a finite float > 0"),

@@ -645,6 +645,28 @@ def test_rejects_bad_tensors(case, target, gen):
     assert type(info.value) is ValueError
 
 
+@pytest.mark.parametrize("target", sorted(GMM_TARGETS))
+@pytest.mark.parametrize("num_iters", [1001, 10**7, 2**62])
+def test_num_iters_is_bounded(target, num_iters, gen):
+    """More than 1000 EM iterations are refused up front, with the bound and its reason, instead
+    of running for minutes inside one call that Ctrl-C cannot interrupt."""
+    assert evomask_ext.ops.MAX_EM_ITERS == 1000
+    with pytest.raises(ValueError, match=r"^num_iters must be an int in \[0, 1000\] \(the EM loop runs in one "
+                       rf"uninterruptible op call\), got {num_iters}$") as info:
+        GMM_TARGETS[target](_x(gen), _init(gen), num_iters, 1e-6)
+    assert type(info.value) is ValueError
+
+
+@pytest.mark.parametrize("target", sorted(GMM_TARGETS))
+def test_num_iters_at_the_bound_runs(target, gen):
+    """The bound itself is allowed: 1000 iterations run and give scikit-learn's weights after
+    1000 iterations from the same start."""
+    x, init = _x(gen)[:1], _init(gen)[:1]
+    got = GMM_TARGETS[target](x, init, 1000, 1e-6)
+    want = sklearn_fit(x[0].double().numpy(), init[0].double().numpy(), 1000, 1e-6)
+    np.testing.assert_allclose(got[3][0].numpy(), want.weights_, atol=1e-4)
+
+
 # id -> (num_iters, reg_covar, regex)
 BAD_GMM_SCALARS = {
     "iters-negative": (-1, 1e-6, r"^num_iters"),

@@ -21,7 +21,6 @@ GmmOutputs gmm_em_cuda(const at::Tensor& x, const at::Tensor& init_means, int64_
   const int64_t batch = xf.size(0), n = xf.size(1), d = xf.size(2), k = mf.size(1);
   TORCH_CHECK_VALUE(n * d < INT32_MAX && n * k < INT32_MAX && k * d < INT32_MAX,
                     "gmm_em: one item's x, resp or means exceeds 2^31 elements (N=", n, ", D=", d, ", K=", k, ")");
-  TORCH_CHECK_VALUE(num_iters < INT32_MAX, "num_iters must be < 2^31, got ", num_iters);
   GmmOutputs out = empty_gmm_em_outputs(xf, k);
   auto& [resp, means, variances, weights, log_likelihood] = out;
   if (batch == 0) return out;
