@@ -7,6 +7,7 @@ whose kernels land later) gets the pure-PyTorch reference instead, with one warn
 
 from __future__ import annotations
 
+import mmap
 import os
 import warnings
 from pathlib import Path
@@ -30,6 +31,50 @@ def _find_library() -> Path | None:
     return candidate if candidate.exists() else None
 
 
+# The library's record of what it was built against (cmake/EvomaskBuildInfo.cmake), a NUL-ended
+# "key=value;..." string after this marker.
+_BUILD_INFO_MARKER = b"evomask-build-info:"
+_BUILD_INFO_BYTES = 512
+
+
+def build_info(path: str | os.PathLike) -> dict[str, str] | None:
+    """What the library at ``path`` was built against: ``torch`` (its ``torch.__version__``),
+    ``torch_cuda``, ``cuda_kernels`` (ON/OFF), ``nvcc``, ``cuda_arch``.
+
+    Read from the file's bytes, without loading it. None for a file without that record (a library
+    built before it was recorded, or not ours)."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            start = data.find(_BUILD_INFO_MARKER)
+            if start < 0:
+                return None
+            start += len(_BUILD_INFO_MARKER)
+            end = data.find(b"\0", start, start + _BUILD_INFO_BYTES)
+            record = data[start : end if end >= 0 else start + _BUILD_INFO_BYTES]
+    except (OSError, ValueError):  # unreadable, or empty (mmap refuses zero bytes)
+        return None
+    fields = {}
+    for item in record.decode("ascii", "replace").split(";"):
+        key, sep, value = item.partition("=")
+        if sep:
+            fields[key] = value
+    return fields
+
+
+def _torch_mismatch(path: Path) -> str:
+    """Why the library at ``path`` must not be loaded into the running torch, or "" if it may.
+
+    A torch extension only works with the torch release it was compiled against: against another
+    one it fails to load, or loads and later crashes on a changed C++ ABI. So the versions are
+    compared before loading. Local builds of one release (``+cpu``, ``+cu130``) share the C++ ABI;
+    a CUDA build in a CPU torch fails to load and is caught there."""
+    built = (build_info(path) or {}).get("torch", "")
+    running = str(torch.__version__)
+    if built and built.split("+", 1)[0] != running.split("+", 1)[0]:
+        return f"{path} was built against torch {built}, but torch {running} is running"
+    return ""
+
+
 def _load_compiled() -> tuple[bool, str]:
     """Returns (loaded, reason-if-not)."""
     if os.environ.get("EVOMASK_DISABLE_EXTENSION", "") not in ("", "0"):
@@ -39,6 +84,9 @@ def _load_compiled() -> tuple[bool, str]:
         return False, f"EVOMASK_LIBRARY={os.environ['EVOMASK_LIBRARY']} does not exist"
     if path is None:
         return False, f"{LIBRARY_NAME} was not found next to {__file__} (package not built?)"
+    mismatch = _torch_mismatch(path)
+    if mismatch:
+        return False, mismatch
     try:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as exc:  # e.g. built against another torch
