@@ -308,3 +308,11 @@ def test_knn_monitor_equals_the_cli_and_leaves_training_untouched(checkpoint):
     expected = ev.evaluate_checkpoint(checkpoint, "digits", "knn", device="cpu", progress=False,
                                       limit_per_class=PER_CLASS)
     assert top1 == again == expected["top1"]
+
+
+def test_knn_monitor_names_the_trainer_flag(checkpoint, tmp_path):
+    model, _ = ev.load_encoder(checkpoint)
+    with pytest.raises(ev.EvaluationStopped, match=r"^--eval-data .*nowhere.* does not exist"):
+        ev.knn_monitor(model, tmp_path / "nowhere")
+    with pytest.raises(ev.EvaluationStopped, match=r"^--eval-data digits: the k-NN's k = 61 must be in \[1, 60\]"):
+        ev.knn_monitor(model, "digits", k=61, limit_per_class=PER_CLASS)

@@ -196,7 +196,7 @@ class EvalData:
     source: str
 
 
-def _image_folder(root: Path, transform):
+def _image_folder(root: Path, transform, flag: str):
     from torchvision.datasets import DatasetFolder
 
     from .data import IMAGE_EXTENSIONS, load_image
@@ -210,11 +210,15 @@ def _image_folder(root: Path, transform):
     try:
         return DatasetFolder(str(root), loader, extensions=tuple(sorted(IMAGE_EXTENSIONS)), transform=transform)
     except (FileNotFoundError, OSError) as exc:
-        raise EvaluationStopped(f"--data: {root}: {str(exc).strip() or type(exc).__name__}") from exc
+        raise EvaluationStopped(f"{flag} {root.parent}: {root.name}/: {str(exc).strip() or type(exc).__name__}") from exc
 
 
 def load_eval_data(
-    data: str | os.PathLike, img_size: int, crop_pct: float = DEFAULT_CROP_PCT, limit_per_class: int | None = None
+    data: str | os.PathLike,
+    img_size: int,
+    crop_pct: float = DEFAULT_CROP_PCT,
+    limit_per_class: int | None = None,
+    flag: str = "--data",
 ) -> EvalData:
     """The labelled datasets of ``data``: ``"digits"`` or a folder with ``train/`` and ``val/``.
 
@@ -224,6 +228,7 @@ def load_eval_data(
 
     Args:
         limit_per_class: only for ``digits``: keep the first this many images per class and split.
+        flag: the option that gave ``data``, named in the messages (``--eval-data`` in the trainer).
 
     Raises:
         EvaluationStopped: ``data`` is missing, lacks ``train/`` or ``val/``, a tree holds no
@@ -237,17 +242,17 @@ def load_eval_data(
     root = Path(data).expanduser()
     if not root.is_dir():
         raise EvaluationStopped(
-            f"--data {data}: expected '{DIGITS}' or a folder holding train/ and val/ ImageFolder trees, "
+            f"{flag} {data}: expected '{DIGITS}' or a folder holding train/ and val/ ImageFolder trees, "
             f"but {root} {'is not a folder' if root.exists() else 'does not exist'}"
         )
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
         raise EvaluationStopped(
-            f"--data {data}: expected train/ and val/ subfolders (one folder per class in each), "
+            f"{flag} {data}: expected train/ and val/ subfolders (one folder per class in each), "
             f"{' and '.join(m + '/' for m in missing)} missing"
         )
-    train = _image_folder(root / "train", transform)
-    val = _image_folder(root / "val", transform)
+    train = _image_folder(root / "train", transform, flag)
+    val = _image_folder(root / "val", transform, flag)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -256,7 +261,7 @@ def load_eval_data(
             parts.append(f"class(es) {', '.join(only_train)} of train/ missing from val/")
         if only_val:
             parts.append(f"class(es) {', '.join(only_val)} of val/ missing from train/")
-        raise EvaluationStopped(f"--data {data}: train/ and val/ must hold the same classes: {'; '.join(parts)}")
+        raise EvaluationStopped(f"{flag} {data}: train/ and val/ must hold the same classes: {'; '.join(parts)}")
     return EvalData(train, val, list(train.classes), str(root))
 
 
@@ -690,10 +695,10 @@ def evaluate_checkpoint(
 _MONITOR_CACHE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
 
 
-def _monitor_tensors(data, img_size: int, crop_pct: float, limit_per_class: int | None):
+def _monitor_tensors(data, img_size: int, crop_pct: float, limit_per_class: int | None, flag: str):
     key = (str(data) if str(data) == DIGITS else str(Path(data).expanduser().resolve()), img_size, crop_pct, limit_per_class)
     if key not in _MONITOR_CACHE:
-        ds = load_eval_data(data, img_size, crop_pct, limit_per_class)
+        ds = load_eval_data(data, img_size, crop_pct, limit_per_class, flag)
 
         def stack(split):
             items = [split[i] for i in range(len(split))]
@@ -715,6 +720,7 @@ def knn_monitor(
     crop_pct: float = DEFAULT_CROP_PCT,
     autocast_dtype: torch.dtype | None = None,
     limit_per_class: int | None = None,
+    flag: str = "--eval-data",
 ) -> float:
     """k-NN top-1 (percent) of the model's current encoder on ``data``, for a pretraining loop.
 
@@ -728,14 +734,15 @@ def knn_monitor(
         model: the trainer's :class:`~evomask_train.model.MaskedAutoencoder` (not the DDP wrapper).
         data: ``"digits"`` or a folder with ``train/`` and ``val/`` (see :func:`load_eval_data`).
         device: where the encoder runs (default: the model's device).
+        flag: the option named in error messages.
 
     Raises:
         EvaluationStopped: ``data`` is unusable, or ``k`` exceeds its number of training images.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    train_x, train_y, val_x, val_y, num_classes = _monitor_tensors(data, model.cfg.img_size, crop_pct, limit_per_class)
+    train_x, train_y, val_x, val_y, num_classes = _monitor_tensors(data, model.cfg.img_size, crop_pct, limit_per_class, flag)
     if not 1 <= k <= len(train_y):
-        raise EvaluationStopped(f"k-NN monitor: k = {k} must be in [1, {len(train_y)}], the training images of {data}")
+        raise EvaluationStopped(f"{flag} {data}: the k-NN's k = {k} must be in [1, {len(train_y)}], its training images")
     kwargs = dict(device=device, feature=feature, batch_size=batch_size, progress=False, autocast_dtype=autocast_dtype)
     ftrain, _ = extract_features(model, (train_x, train_y), **kwargs)
     fval, _ = extract_features(model, (val_x, val_y), **kwargs)
