@@ -14,4 +14,7 @@ TORCH_LIBRARY(evomask, m) {
   m.def("gmm_em(Tensor x, Tensor init_means, int num_iters, float reg_covar) -> "
         "(Tensor resp, Tensor means, Tensor variances, Tensor weights, Tensor log_likelihood)",
         {at::Tag::pt2_compliant_tag});
+  // Batched vMF-style soft k-means: the clustering of the EPM authors' released code.
+  m.def("vmf_kmeans(Tensor x, Tensor init_means, int num_iters, float kappa) -> (Tensor resp, Tensor means)",
+        {at::Tag::pt2_compliant_tag});
 }
