@@ -18,6 +18,8 @@ import torch
 
 import evomask_ext
 
+from .gallery import dim_masked
+
 DEMO_IMAGES = ("astronaut", "chelsea", "coffee", "rocket")
 
 
@@ -94,9 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         axes[i, 1].set_title(f"groups, depth {depth}/{height}", fontsize=8)
         for j, p in enumerate(progresses):
             m = masks[j][i].reshape(grid, grid).numpy()
-            shown = img.copy()
-            pixel_mask = np.kron(m, np.ones((args.patch_size, args.patch_size), dtype=bool))
-            shown[pixel_mask] = shown[pixel_mask] * 0.15 + 0.35
+            shown = dim_masked(img[None], m[None], args.patch_size)[0]
             axes[i, 2 + j].imshow(shown)
             axes[i, 2 + j].set_title(f"EHM, t/T = {p:g}", fontsize=8)
     for ax in axes.ravel():
