@@ -455,3 +455,80 @@ def test_wrapper_type_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(TypeError, match=match):
         evomask_ext.vmf_kmeans(**args)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. The CUDA kernel's device code on the CPU SIMT emulator (tests/simt/simt.h)
+# --------------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIMT = os.path.join(ROOT, "tests", "simt")
+
+
+@pytest.fixture(scope="module")
+def simt(tmp_path_factory):
+    """The device code of csrc/cuda/vmf_kmeans_kernel.cuh built for the host against the emulator
+    (one host thread per CUDA thread, barriers for __syncthreads, shuffles through a table)."""
+    import ctypes
+    import shutil
+
+    from torch.utils.cpp_extension import include_paths
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the emulator is built with g++ on Linux")
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler to build the SIMT emulator")
+    out = tmp_path_factory.mktemp("simt") / "libsimt_vmf.so"
+    includes = [f"-I{SIMT}", f"-I{os.path.join(ROOT, 'csrc')}"] + [f"-I{p}" for p in include_paths()]
+    cmd = [compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-Wall", "-Wextra",
+           "-Wno-unused-parameter", "-Wno-unknown-pragmas", *includes, os.path.join(SIMT, "vmf_kernel.cpp"),
+           "-o", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"building the SIMT emulator failed:\n{done.stderr}"
+    assert "warning" not in done.stderr, done.stderr
+    return ctypes.CDLL(str(out))
+
+
+def emulated(lib, x: torch.Tensor, init: torch.Tensor, iters: int, kappa: float):
+    import ctypes
+
+    x, init = x.float().contiguous(), init.float().contiguous()
+    b, n, d = x.shape
+    k = init.shape[1]
+    resp = torch.full((b, n, k), float("nan"))
+    means = torch.full((b, k, d), float("nan"))
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
+    lib.simt_vmf_kmeans(ptr(x), ptr(init), ctypes.c_int64(b), ctypes.c_int64(n), ctypes.c_int64(d), ctypes.c_int64(k),
+                        ctypes.c_int64(iters), ctypes.c_double(kappa), ptr(resp), ptr(means))  # fmt: skip
+    return resp, means
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 3), (33, 5), (40, 13), (20, 300)])
+def test_cuda_device_code_emulated_equals_released_em(simt, n, k, gen):
+    """The CUDA kernel's device code (float64, like the CPU kernel), run on the SIMT emulator,
+    matches the released transcription and the CPU op within float32 rounding: every index, the
+    block's barriers and the warp norms, for K below, at and far above the block's 256 threads
+    (K = 300: more (point, mean) pairs and rows than threads)."""
+    attn = attention(2, n, gen, 30.0)
+    mu0 = released_start(n, k, gen)
+    x, init = op_inputs(attn, mu0)
+    resp, means = emulated(simt, x, init, 6, 40.0)
+    z, mu, _, _ = released_em(attn, mu0, 6)
+    torch.testing.assert_close(resp.double(), z, atol=2e-6, rtol=0)
+    torch.testing.assert_close(means.double(), mu, atol=1e-6, rtol=0)
+    for g, w in zip((resp, means), torch.ops.evomask.vmf_kmeans(x, init, 6, 40.0)):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+
+
+def test_cuda_device_code_emulated_degenerate(simt, gen):
+    """Zero points, huge points and kappa 1e300 on the emulated device code: finite, the CPU op's
+    results."""
+    for x, init, kappa in [
+        (torch.zeros(1, 9, 4), torch.randn(1, 3, 4, generator=gen), 40.0),
+        (torch.rand(1, 9, 4, generator=gen) * 3e38, torch.randn(1, 3, 4, generator=gen), 1e300),
+    ]:
+        got = emulated(simt, x, init, 3, kappa)
+        for g, w in zip(got, torch.ops.evomask.vmf_kmeans(x, init, 3, kappa)):
+            assert bool(torch.isfinite(g).all())
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
