@@ -158,7 +158,8 @@ BAD = {
     "num_parts 0": (dict(num_parts=0), ValueError, r"num_parts must be an int >= 1"),
     "gamma 0": (dict(gamma=0.0), ValueError, r"gamma must be a finite float > 0"),
     "gamma inf": (dict(gamma=math.inf), ValueError, r"gamma must be a finite float > 0"),
-    "em_iters -1": (dict(em_iters=-1), ValueError, r"em_iters must be an int >= 0"),
+    "em_iters -1": (dict(em_iters=-1), ValueError, r"em_iters must be an int in \[0, 1000\]"),
+    "em_iters 1001": (dict(em_iters=1001), ValueError, r"em_iters must be an int in \[0, 1000\] \(the EM loop runs in one uninterruptible op call\), got 1001"),
     "attn list": (dict(attn=[[[0.5]]]), TypeError, r"attn must be a torch.Tensor"),
 }
 
