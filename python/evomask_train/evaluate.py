@@ -767,6 +767,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _nonnegative_float(text: str) -> float:
     try:
         value = float(text)
@@ -799,12 +809,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["knn", "linear"], default="knn", help="k-NN (DINO) or linear probe (MAE)")
     p.add_argument("--feature", choices=["cls", "avg"], default="cls",
                    help="CLS token (MAE's linear-probe default) or mean of the patch tokens, after the final norm")
-    p.add_argument("--model", choices=["tiny", "small", "base"], default=None,
+    from .model import MODEL_SIZES
+
+    p.add_argument("--model", choices=sorted(MODEL_SIZES), default=None,
                    help="refuse a checkpoint that holds another encoder size (default: take the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:K")
     p.add_argument("--seed", type=int, default=0, help="seed of the linear probe's initialisation and batch order")
     p.add_argument("--batch-size", type=_positive_int, default=128, help="images per encoder batch")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes for the images")
+    p.add_argument("--num-workers", type=_nonnegative_int, default=0, help="DataLoader worker processes for the images")
     p.add_argument("--crop-pct", type=_positive_float, default=DEFAULT_CROP_PCT,
                    help="center crop: resize the shorter side to img_size / crop_pct, crop img_size (MAE: 224/256)")
     p.add_argument("--output-json", type=Path, default=None, help="also write the result line to this file")
