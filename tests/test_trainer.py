@@ -16,7 +16,7 @@ from evomask_ext.masking import STRATEGIES, build_strategy
 from evomask_ext.reference import masked_count
 from evomask_train.checkpoint import list_checkpoints, load_checkpoint
 from evomask_train.model import build_mae
-from evomask_train.train import StepMasker, build_parser, train
+from evomask_train.train import StepMasker, TrainingStopped, build_parser, train
 
 # 32 px images in 8 px patches: N = 16, so a step takes well under a second on a CPU core.
 TINY = ["--model", "tiny", "--img-size", "32", "--patch-size", "8", "--batch-size", "4", "--dataset-length", "32",
@@ -116,5 +116,5 @@ def test_attention_maps_match_timm_softmax():
 
 
 def test_bad_attn_layers_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="attn-layers"):
+    with pytest.raises(TrainingStopped, match="attn-layers"):
         run(tmp_path, "--attn-layers", "13", "--max-steps", "1")

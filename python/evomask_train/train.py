@@ -13,6 +13,7 @@ full sequence without gradients (EHM Sec. V-E) before the encoder sees only the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -20,6 +21,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from evomask_ext.attention import attention_maps
 from evomask_ext.masking import STRATEGIES, MaskContext, MaskStrategy, build_strategy
 
 from .checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, save_atomic
+from .run_lock import FolderBusy, RunLock
 from .data import build_dataset, build_loader, set_loader_epoch
 from .gallery import save_gallery
 from .model import MODEL_SIZES, MaskedAutoencoder, build_mae
@@ -125,7 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True): bitwise-repeatable CUDA runs, somewhat slower")
     g.add_argument("--resume", default=None,
-                   help="checkpoint file to resume from, or 'auto' for the newest valid one in --output-dir")
+                   help="checkpoint file to resume from, or 'auto' for the newest valid one in --output-dir. "
+                        "The run stops (exit 3) when a flag that shapes the model, the data order or the masks "
+                        f"differs from the checkpoint's: {', '.join(_flag(d) for d in _MUST_MATCH)}, the number "
+                        "of processes, --attn-layers for ehm/epm, and the strategy's own options (--selective-*; "
+                        "--num-parts, --gamma, --em-iters). --epochs, --blr, --lr, --min-lr, --warmup-epochs and "
+                        "--weight-decay may change: the schedule is recomputed with them and applies from the "
+                        "resumed step (the learning rate may jump; a line says by how much). All other flags "
+                        "are free (with --data, another --num-workers gives other random crops)")
     g.add_argument("--save-every", type=positive_int, default=200, help="checkpoint every this many optimiser steps (and at each epoch end)")
     g.add_argument("--keep-checkpoints", type=positive_int, default=2, help="step checkpoints kept on disk")
     g.add_argument("--gallery-every", type=positive_int, default=10, help="write a mask gallery every this many epochs (and at the end)")
@@ -319,6 +329,200 @@ def _jsonable_args(args: argparse.Namespace) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _hold_output_dir(out: Path, cleanup: contextlib.ExitStack) -> None:
+    """Creates ``out`` and takes its run lock until ``cleanup`` closes, then removes partial checkpoints.
+
+    The partial files are only removed once the folder is ours: before, they may be the writes
+    in flight of another run on the same folder.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainingStopped(f"cannot create --output-dir {out}: {exc}") from exc
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except FolderBusy as exc:
+        raise TrainingStopped(f"--output-dir {exc}") from None
+    except OSError as exc:
+        raise TrainingStopped(f"cannot write the lock file {lock.path} of --output-dir: {exc}") from exc
+    cleanup.callback(lock.release)
+    if lock.took_over:
+        print(f"[evomask] {lock.took_over}", flush=True)
+    _remove_partial_checkpoints(out)
+
+
+def _check_mask_ratio(ratio: float, n: int) -> None:
+    """Refuses a ratio that masks none or all of the ``n`` patches under MAE's ``N - int(N (1 - r))``."""
+    count = n - int(n * (1 - ratio))
+    if 0 < count < n:
+        return
+    what = "masks no patch" if count == 0 else "keeps no patch visible"
+    rule = f"N - int(N * (1 - r)) = {count} of N = {n} patches"
+    low, high = _usable_mask_ratios(n)
+    if low is None:
+        raise TrainingStopped(f"--mask-ratio {ratio} {what} ({rule}); with one patch no ratio masks one and "
+                              "keeps one: use a smaller --patch-size")
+    raise TrainingStopped(f"--mask-ratio {ratio} {what} ({rule}): use a ratio from {low:.2g} to {high:.4g} "
+                          f"for N = {n}")
+
+
+def _usable_mask_ratios(n: int) -> tuple[float | None, float | None]:
+    """The smallest and largest ratio (rounded inwards) that mask at least one and keep at least one of ``n``.
+
+    The masked count is monotone in the ratio, so each end is found by bisection over floats.
+    """
+    def masked(r: float) -> int:
+        return n - int(n * (1 - r))
+
+    if n < 2:
+        return None, None
+
+    def edge(good: float, bad: float) -> float:
+        while (mid := (good + bad) / 2) not in (good, bad):
+            good, bad = (mid, bad) if 0 < masked(mid) < n else (good, mid)
+        return good
+
+    return _round_inwards(edge(0.5, 0.0), 2, up=True), _round_inwards(edge(0.5, 1.0), 4, up=False)
+
+
+def _round_inwards(x: float, digits: int, up: bool) -> float:
+    exponent = math.floor(math.log10(x)) - digits + 1
+    scaled = x / 10.0**exponent
+    return float(f"{math.ceil(scaled) if up else math.floor(scaled)}e{exponent}")
+
+
+#: Flags a resumed run must share with its checkpoint: they shape the model, the data or the masks.
+_MUST_MATCH = ("model", "img_size", "patch_size", "norm_pix_loss", "data", "dataset_length", "batch_size",
+               "accum_iter", "seed", "mask", "mask_ratio")
+#: A strategy's own options, compared only when resuming that strategy.
+_STRATEGY_OPTIONS = {"selective": ("selective_steps", "selective_probes"), "epm": ("num_parts", "gamma", "em_iters")}
+#: Flags that may change on resume: the learning-rate schedule and regularisation, recomputed with them.
+_SCHEDULE = ("epochs", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay")
+
+
+def _resume_mismatches(saved: dict, args: argparse.Namespace, saved_world: int, world: int, depth: int,
+                       needs_attn: bool) -> list[str]:
+    """One line per flag that differs from the checkpoint's and would change the model, data or masks."""
+    new = _jsonable_args(args)
+    names = [*_MUST_MATCH, *_STRATEGY_OPTIONS.get(args.mask, ())]
+    if args.data is not None or saved.get("data") is not None:
+        names.remove("dataset_length")  # unused with an image folder
+    lines = []
+    for name in names:
+        if name in saved and not _same_value(name, saved[name], new[name]):
+            lines.append(f"{_flag(name)}: saved {saved[name]}, now {new[name]}")
+    if needs_attn and "attn_layers" in saved:
+        was, now = (v if v is not None else depth // 2 for v in (saved["attn_layers"], args.attn_layers))
+        if was != now:
+            lines.append(f"--attn-layers: saved {was}, now {now}")
+    if saved_world != world:
+        lines.append(f"processes (WORLD_SIZE): saved {saved_world}, now {world}")
+    return lines
+
+
+def _same_value(name: str, saved, new) -> bool:
+    if name == "data" and saved is not None and new is not None:
+        return Path(saved).expanduser().resolve() == Path(new).expanduser().resolve()
+    return saved == new
+
+
+def _find_checkpoint(args: argparse.Namespace, out: Path, is_main: bool) -> tuple[Path, dict] | None:
+    """The checkpoint ``--resume`` names (None: 'auto' found none); an unusable file stops the run."""
+    if args.resume == "auto":
+        found = latest_valid_checkpoint(out)
+        if found is None and is_main:
+            print(f"[evomask] --resume auto: no checkpoint in {out}, starting fresh", flush=True)
+        return found
+    path = Path(args.resume)
+    try:
+        return path, load_checkpoint(path)
+    except (OSError, RuntimeError) as exc:
+        raise TrainingStopped(f"--resume {args.resume}: {exc}") from exc
+
+
+def _check_resume_args(path: Path, ckpt: dict, args: argparse.Namespace, world: int, depth: int,
+                       strategy: MaskStrategy) -> dict:
+    """Stops the run when the checkpoint was saved with flags that change the model, data or masks.
+
+    Returns the checkpoint's saved arguments (empty for a checkpoint that did not store them).
+    """
+    saved = json.loads(ckpt["args"]) if isinstance(ckpt.get("args"), str) else {}
+    saved_world = int(ckpt.get("world", len(ckpt.get("rng", [None]))))
+    lines = _resume_mismatches(saved, args, saved_world, world, depth, "attn" in strategy.needs)
+    if lines:
+        raise TrainingStopped(
+            f"checkpoint {path} was saved with other flags, which would change the model, the data order or the "
+            "masks; resume with the saved values or use another --output-dir:\n  " + "\n  ".join(lines)
+        )
+    return saved
+
+
+def _apply_schedule(optimizer: torch.optim.Optimizer, scheduler, wanted: list[dict]) -> None:
+    """Puts this command line's learning rate and weight decay (``wanted``, one dict per group) on
+    an optimiser and scheduler loaded from a checkpoint, at the checkpoint's step.
+
+    Loading restores the saved base learning rates; recomputing from the same values gives back
+    bitwise the saved ones, so an unchanged command line resumes exactly.
+    """
+    for group, values in zip(optimizer.param_groups, wanted):
+        group.update(values)
+    scheduler.base_lrs = [values["initial_lr"] for values in wanted]
+    scheduler.last_epoch -= 1
+    with warnings.catch_warnings():  # a checkpoint of step 0 was never stepped: torch warns of the order
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()  # the lr of the resumed step under the (possibly new) schedule
+
+
+def _schedule_note(saved: dict, args: argparse.Namespace, step: int, totals: tuple[int, int],
+                   lrs: tuple[float, float]) -> str | None:
+    """A line saying what resuming with other schedule flags does to the learning rate, or None."""
+    changes = [f"{_flag(n)} {saved[n]} -> {getattr(args, n)}" for n in _SCHEDULE
+               if n in saved and saved[n] != getattr(args, n)]
+    if not changes:
+        return None
+    return (f"[evomask] resumed with {', '.join(changes)}: the warmup + cosine schedule is recomputed with the new "
+            f"values over {totals[1]} steps (was {totals[0]}) and applies from step {step}, so the learning "
+            f"rate goes from {lrs[0]:.3g} to {lrs[1]:.3g} there")
+
+
+def _restore(found: tuple[Path, dict], args: argparse.Namespace, *, model: MaskedAutoencoder,
+             optimizer: torch.optim.Optimizer, scheduler, strategy: MaskStrategy, generators: dict,
+             rank: int, world: int, device: torch.device, steps_per_epoch: int) -> int:
+    """Loads a checkpoint into the run's objects after checking the flags it was saved with.
+
+    The schedule flags of this command line apply from the checkpoint's step. Returns that step.
+    """
+    path, ckpt = found
+    saved = _check_resume_args(path, ckpt, args, world, model.cfg.depth, strategy)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:  # a checkpoint that predates the saved flags, of another model
+        first = str(exc).strip().splitlines()[0]
+        raise TrainingStopped(f"checkpoint {path} does not fit --model {args.model} --img-size {args.img_size} "
+                              f"--patch-size {args.patch_size}: {first}") from exc
+    wanted = [{"initial_lr": g["initial_lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    saved_lr = optimizer.param_groups[0]["lr"]
+    _apply_schedule(optimizer, scheduler, wanted)
+    strategy.load_state_dict(ckpt.get("strategy", {}))
+    rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
+    _set_rng_state(rng, generators, device)
+    step = int(ckpt["step"])
+    if rank == 0:
+        print(f"[evomask] resumed from step {step} (epoch {step / steps_per_epoch:.2f})", flush=True)
+        totals = (int(saved.get("epochs", args.epochs)) * steps_per_epoch, args.epochs * steps_per_epoch)
+        note = _schedule_note(saved, args, step, totals, (saved_lr, optimizer.param_groups[0]["lr"]))
+        if note:
+            print(note, flush=True)
+    return step
+
+
 # --------------------------------------------------------------------------------------------
 # the loop
 
@@ -334,24 +538,19 @@ def train(args: argparse.Namespace) -> dict:
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
         torch.use_deterministic_algorithms(True)
+    # SIGTERM (cluster pre-emption) behaves like Ctrl-C: a checkpoint once training runs, and the
+    # output folder's lock is released however far start-up got.
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        return _train(args)
+        with contextlib.ExitStack() as cleanup:
+            return _train(args, cleanup)
     finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
         torch.use_deterministic_algorithms(previous)
 
 
-def _train(args: argparse.Namespace) -> dict:
-    rank, world, device = _init_distributed(args.device)
-    is_main = rank == 0
-    out = Path(args.output_dir)
-    if is_main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TrainingStopped(f"cannot create --output-dir {out}: {exc}") from exc
-        _remove_partial_checkpoints(out)
-
-    torch.manual_seed(args.seed)  # same initial weights on every rank
+def _build_model(args: argparse.Namespace, device: torch.device) -> tuple[MaskedAutoencoder, int]:
+    """The MAE of ``args`` and the number of encoder blocks the masks' attention averages."""
     try:
         model = build_mae(args.model, args.img_size, args.patch_size, args.norm_pix_loss).to(device)
     except ValueError as exc:  # e.g. an image size that is not a multiple of the patch size
@@ -359,18 +558,39 @@ def _train(args: argparse.Namespace) -> dict:
     depth = model.cfg.depth
     attn_layers = args.attn_layers if args.attn_layers is not None else depth // 2
     if not 1 <= attn_layers <= depth:
-        raise SystemExit(f"--attn-layers must be in [1, {depth}] for --model {args.model}, got {attn_layers}")
-    torch.manual_seed(args.seed + 1 + rank)
+        raise TrainingStopped(f"--attn-layers must be in [1, {depth}] for --model {args.model}, got {attn_layers}")
+    _check_mask_ratio(args.mask_ratio, model.cfg.num_patches)
+    return model, attn_layers
 
+
+def _build_data(args: argparse.Namespace, device: torch.device):
+    """The dataset and the gallery's fixed images; a folder with nothing usable stops the run."""
     try:
         dataset = build_dataset(args.data, args.img_size, seed=args.seed, length=args.dataset_length)
-    except (OSError, ValueError) as exc:  # missing, empty or unreadable folder
+        # Read now, so that a folder none of whose images decodes stops the run at start-up.
+        gallery_batch = torch.stack([dataset[i] for i in range(min(args.gallery_images, len(dataset)))])
+    except (OSError, ValueError, RuntimeError) as exc:  # missing, empty or unreadable folder
         raise TrainingStopped(f"--data {args.data}: {exc}") from exc
+    return dataset, gallery_batch.to(device)
+
+
+def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
+    rank, world, device = _init_distributed(args.device)
+    is_main = rank == 0
+    out = Path(args.output_dir)
+    if is_main:
+        _hold_output_dir(out, cleanup)
+
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    model, attn_layers = _build_model(args, device)
+    torch.manual_seed(args.seed + 1 + rank)
+
+    dataset, gallery_batch = _build_data(args, device)
     loader = build_loader(dataset, args.batch_size, args.seed, num_workers=args.num_workers,
                           distributed=world > 1, rank=rank, world_size=world)
     steps_per_epoch = len(loader) // args.accum_iter
     if steps_per_epoch == 0:
-        raise SystemExit(
+        raise TrainingStopped(
             f"the dataset ({len(dataset)} images) gives no full optimiser step per epoch with --batch-size "
             f"{args.batch_size} x --accum-iter {args.accum_iter} x {world} process(es)"
         )
@@ -393,31 +613,17 @@ def _train(args: argparse.Namespace) -> dict:
     generators = {"mask": mask_gen}
 
     step = 0
-    if args.resume:
-        if args.resume == "auto":
-            found = latest_valid_checkpoint(out)
-            ckpt = found[1] if found else None
-            if found is None and is_main:
-                print(f"[evomask] --resume auto: no checkpoint in {out}, starting fresh", flush=True)
-        else:
-            ckpt = load_checkpoint(Path(args.resume))
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            strategy.load_state_dict(ckpt.get("strategy", {}))
-            rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
-            _set_rng_state(rng, generators, device)
-            step = int(ckpt["step"])
-            if is_main:
-                print(f"[evomask] resumed from step {step} (epoch {step / steps_per_epoch:.2f})", flush=True)
+    found = _find_checkpoint(args, out, is_main) if args.resume else None
+    if found is not None:
+        step = _restore(found, args, model=model, optimizer=optimizer, scheduler=scheduler, strategy=strategy,
+                        generators=generators, rank=rank, world=world, device=device,
+                        steps_per_epoch=steps_per_epoch)
 
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     try:
         log = _MetricsLog(out, step) if is_main else None
     except OSError as exc:
         raise TrainingStopped(f"could not write {out / 'metrics.csv'}: {exc}") from exc
-    gallery_batch = torch.stack([dataset[i] for i in range(min(args.gallery_images, len(dataset)))]).to(device)
     last_steps = min(total_steps, args.max_steps) if args.max_steps is not None else total_steps
 
     def checkpoint() -> None:
@@ -433,7 +639,8 @@ def _train(args: argparse.Namespace) -> dict:
                 save_atomic(
                     {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "strategy": strategy.state_dict(), "step": step,
-                     "epoch": step / steps_per_epoch, "rng": rngs, "args": json.dumps(_jsonable_args(args))},
+                     "epoch": step / steps_per_epoch, "rng": rngs, "world": world,
+                     "args": json.dumps(_jsonable_args(args))},
                     path,
                 )
             except OSError as exc:  # disk full, quota, folder gone: the older checkpoints are untouched
@@ -460,8 +667,6 @@ def _train(args: argparse.Namespace) -> dict:
             raise TrainingStopped(f"could not write the mask gallery {path} at step {step}: {exc}") from exc
         model.train()
 
-    # SIGTERM (cluster pre-emption) behaves like Ctrl-C: checkpoint, then stop.
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     from tqdm.auto import tqdm
 
     model.train()
@@ -529,7 +734,6 @@ def _train(args: argparse.Namespace) -> dict:
             print(f"\n[evomask] interrupted at step {step}: writing a checkpoint", flush=True)
         checkpoint()
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
         bar.close()
         if log is not None:
             log.close()
@@ -553,6 +757,10 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingStopped as exc:
         print(f"[evomask] stopped: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(3) from None
+    except KeyboardInterrupt:  # before the first step: there is nothing to checkpoint yet
+        print("\n[evomask] interrupted before training started (or while stopping): no new checkpoint",
+              file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[evomask] done: {json.dumps(summary)}", flush=True)
 
