@@ -8,11 +8,15 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
-
+#include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <string>
 #include <tuple>
 #include <utility>
+
+#include "hier_select.h"
 
 namespace evomask {
 
@@ -51,12 +55,69 @@ inline at::Tensor similarity_as_float(const at::Tensor& sim, const char* name) {
   return s;
 }
 
-// Validates hier_mask's scalar and noise arguments against attn [B, N, N]; returns noise as
-// contiguous float32.
+namespace detail {
+inline double double_of_bits(int64_t bits) {
+  double value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+inline int64_t bits_of_double(double value) {
+  int64_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+// The shortest text that reads back as the same double: what Python's repr prints, so the
+// messages name the same ratios as the Python side's.
+inline std::string shortest_text(double value) {
+  char buf[64];
+  const auto result = std::to_chars(buf, buf + sizeof buf, value);
+  return std::string(buf, result.ptr);
+}
+}  // namespace detail
+
+// The smallest double r with masked_count(n, r) >= 1: not every r > 0, since 1 - r rounds to 1
+// below ~1.1e-16 and n * (1 - r) may round back up to n. The count only grows with r, and
+// positive doubles sort like their bit patterns, so bisect those in (0, 0.5]. Same as the
+// Python side's smallest_masking_ratio (evomask_ext/_checks.py).
+inline double smallest_masking_ratio(int64_t n) {
+  int64_t lo = 0, hi = detail::bits_of_double(0.5);  // masks none at lo, at least one at hi
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (masked_count(n, detail::double_of_bits(mid)) >= 1) hi = mid; else lo = mid;
+  }
+  return detail::double_of_bits(hi);
+}
+
+// The largest double r < 1 that keeps a patch of n >= 2 (int(n * (1 - r)) >= 1), bisected alike.
+inline double largest_keeping_ratio(int64_t n) {
+  int64_t lo = detail::bits_of_double(0.5), hi = detail::bits_of_double(1.0);  // keeps one at lo, none at hi
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (masked_count(n, detail::double_of_bits(mid)) <= n - 1) lo = mid; else hi = mid;
+  }
+  return detail::double_of_bits(lo);
+}
+
+// A mask_ratio in (0, 1) must mask at least one of the n >= 2 patches and keep at least one:
+// MAE's count would otherwise silently give an unmasked batch, or an encoder input with no
+// patch. The message names the nearest usable ratio, in the Python side's words.
+inline void check_usable_ratio(int64_t n, double mask_ratio) {
+  const int64_t count = masked_count(n, mask_ratio);
+  TORCH_CHECK_VALUE(count >= 1, "mask_ratio = ", detail::shortest_text(mask_ratio), " masks no patch of N = ", n,
+                    " (N - int(N * (1 - r)) = 0); the smallest ratio that masks one is ",
+                    detail::shortest_text(smallest_masking_ratio(n)));
+  TORCH_CHECK_VALUE(count <= n - 1, "mask_ratio = ", detail::shortest_text(mask_ratio), " keeps no patch of N = ", n,
+                    " (int(N * (1 - r)) = 0); the largest ratio that keeps one is ",
+                    detail::shortest_text(largest_keeping_ratio(n)));
+}
+
+// Validates hier_mask's scalar and noise arguments against attn [B, N, N] (already validated by
+// similarity_as_float); returns noise as contiguous float32.
 inline at::Tensor check_hier_mask_args(const at::Tensor& attn, const at::Tensor& noise,
                                        double mask_ratio, double progress) {
   TORCH_CHECK_VALUE(mask_ratio > 0.0 && mask_ratio < 1.0, "mask_ratio must be in the open interval (0, 1), got ",
                     mask_ratio);
+  check_usable_ratio(attn.size(1), mask_ratio);
   TORCH_CHECK_VALUE(progress >= 0.0 && progress <= 1.0, "progress (t / T) must be in [0, 1], got ", progress);
   TORCH_CHECK_VALUE(noise.device() == attn.device(), "noise must be on the same device as attn (",
                     attn.device(), "), got ", noise.device());

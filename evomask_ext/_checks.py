@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import struct
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,62 @@ def _require_int(
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {expected}, got {value}")
     return value
+
+
+def _masked(n: int, ratio: float) -> int:
+    """MAE's masked count ``N - int(N * (1 - r))``, in double precision as every backend computes it."""
+    return n - int(n * (1.0 - ratio))
+
+
+def _double_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _bits_double(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def smallest_masking_ratio(n: int) -> float:
+    """The smallest float ``r`` for which MAE's count ``N - int(N * (1 - r))`` masks a patch of
+    ``n >= 1`` patches. Not simply "any r > 0": ``1 - r`` rounds to 1 below ~1.1e-16, and
+    ``N * (1 - r)`` may round back up to N. The count only grows with ``r``, so this bisects the
+    bit patterns of the doubles in (0, 0.5] (positive doubles sort like their bits)."""
+    lo, hi = 0, _double_bits(0.5)  # masks none at lo, at least one at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _masked(n, _bits_double(mid)) >= 1 else (mid, hi)
+    return _bits_double(hi)
+
+
+def largest_keeping_ratio(n: int) -> float:
+    """The largest float ``r < 1`` for which MAE's rule keeps a patch (``int(N * (1 - r)) >= 1``)
+    of ``n >= 2`` patches (about ``1 - 1/N``), by bisection as :func:`smallest_masking_ratio`."""
+    lo, hi = _double_bits(0.5), _double_bits(1.0)  # keeps one at lo, none at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _masked(n, _bits_double(mid)) <= n - 1 else (lo, mid)
+    return _bits_double(lo)
+
+
+def _require_usable_ratio(mask_ratio: float, n: int, name: str = "mask_ratio") -> int:
+    """The masked count of ``mask_ratio`` (already in (0, 1)) for ``n`` patches, refusing a ratio
+    that masks no patch or keeps none (ValueError naming the nearest usable ratio): MAE's rule
+    would otherwise silently give an unmasked batch, or an encoder input with no patch at all.
+    The kernels (csrc/checks.h) and the reference refuse the same ratios with the same words."""
+    count = _masked(n, mask_ratio)
+    if count < 1:
+        raise ValueError(
+            f"{name} = {mask_ratio!r} masks no patch of N = {n} (N - int(N * (1 - r)) = 0); "
+            f"the smallest ratio that masks one is {smallest_masking_ratio(n)!r}"
+        )
+    if count > n - 1:
+        if n < 2:
+            raise ValueError(f"{name} = {mask_ratio!r} keeps no patch of N = {n}: no ratio both masks and keeps one")
+        raise ValueError(
+            f"{name} = {mask_ratio!r} keeps no patch of N = {n} (int(N * (1 - r)) = 0); "
+            f"the largest ratio that keeps one is {largest_keeping_ratio(n)!r}"
+        )
+    return count
 
 
 def _require_bool(value: Any, name: str) -> bool:

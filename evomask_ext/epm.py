@@ -32,6 +32,7 @@ from .ops import (
     _require_shape,
     _require_tensor,
     _require_unit_interval,
+    _require_usable_ratio,
     draw_noise,
     gmm_em,
 )
@@ -139,7 +140,9 @@ def part_mask(
 
     Args:
         attn: ``[B, N, N]`` patch-to-patch attention (CLS dropped), floating point, finite.
-        mask_ratio: fraction r in (0, 1); exactly ``N - int(N * (1 - r))`` patches are masked.
+        mask_ratio: fraction r in (0, 1); exactly ``N - int(N * (1 - r))`` patches are masked,
+            which must be at least one and at most N - 1 (otherwise ValueError naming the
+            nearest usable ratio).
         progress: training progress ``t / T`` in [0, 1].
         num_parts: K; default :func:`num_parts_schedule` (40 -> 10 over training). Capped at N.
         gamma: exponent of ``alpha = progress ** gamma`` (> 0; the paper's default 2).
@@ -162,6 +165,7 @@ def part_mask(
     _check_attn(attn, min_patches=2)
     batch, n, _ = attn.shape
     mask_ratio = _require_unit_interval(mask_ratio, "mask_ratio", open_interval=True)
+    _require_usable_ratio(mask_ratio, n)
     progress = _unit(progress, "progress")
     if num_parts is None:
         num_parts = num_parts_schedule(progress)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .masking import STRATEGIES, MaskContext, _grid, build_strategy
-from .ops import ArgumentTypeError, _require_device, _require_int, _require_tensor
+from .ops import ArgumentTypeError, _require_device, _require_int, _require_tensor, _require_usable_ratio
 
 __all__ = ["EvolvedMasker"]
 
@@ -24,7 +24,8 @@ class EvolvedMasker:
     Args:
         strategy: a name in :data:`evomask_ext.masking.STRATEGIES` (``ehm``, ``epm``, ``random``,
             ``block``, ``grid``, ``attn``, ``selective``).
-        mask_ratio: fraction masked, in (0, 1).
+        mask_ratio: fraction masked, in (0, 1); it must mask at least one and keep at least one of
+            the N patches (checked here when ``grid`` is given, else at each call).
         seed: seed of the generator.
         grid: ``(H, W)`` patch grid; default square (inferred from N).
         **options: the strategy's own options (e.g. ``num_parts``, ``gamma`` for ``epm``).
@@ -47,6 +48,8 @@ class EvolvedMasker:
         self.strategy = build_strategy(strategy, mask_ratio, **options)
         self.mask_ratio = self.strategy.mask_ratio
         self.grid = None if grid is None else _grid(grid)
+        if self.grid is not None:  # N is known now; otherwise each call checks the ratio against its N
+            _require_usable_ratio(self.mask_ratio, self.grid[0] * self.grid[1])
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.calls = 0

@@ -41,6 +41,7 @@ from .ops import (
     _require_real,
     _require_tensor,
     _require_unit_interval,
+    _require_usable_ratio,
     draw_noise,
     hier_mask,
 )
@@ -139,7 +140,7 @@ def random_mask(
     Args:
         batch_size: B >= 0.
         num_patches: N >= 1.
-        mask_ratio: in (0, 1).
+        mask_ratio: in (0, 1), masking at least one patch and keeping at least one of N.
         device: where the mask goes.
         generator: source of the noise when ``noise`` is not given.
         noise: optional ``[B, N]`` float noise (moved to ``device``).
@@ -150,6 +151,7 @@ def random_mask(
     batch_size = _require_int(batch_size, "batch_size", minimum=0)
     num_patches = _require_int(num_patches, "num_patches", minimum=1)
     mask_ratio = _require_unit_interval(mask_ratio, "mask_ratio", open_interval=True)
+    _require_usable_ratio(mask_ratio, num_patches)
     device = _require_device(device)
     _require_generator(generator)
     if noise is None:
@@ -240,6 +242,9 @@ class MaskContext:
 class MaskStrategy:
     """Base class: validates ``mask_ratio`` and ``progress``, then calls :meth:`_mask`.
 
+    ``mask_ratio`` must mask at least one and keep at least one of the batch's N patches
+    (checked per call, where N is known; ValueError naming the nearest usable ratio).
+
     Subclasses set ``name`` and ``needs`` and implement ``_mask(ctx, progress)``, which must return
     bool ``[B, N]`` on ``ctx.device`` with exactly ``self.num_mask(N)`` True per row.
     """
@@ -259,6 +264,8 @@ class MaskStrategy:
         if not isinstance(ctx, MaskContext):
             raise TypeError(f"ctx must be a MaskContext, got {type(ctx).__name__}")
         progress = _require_unit_interval(progress, "progress", open_interval=False)
+        # Known only now (N comes with the batch): a ratio that masks none or keeps none of N.
+        _require_usable_ratio(self.mask_ratio, ctx.num_patches)
         return self._mask(ctx, progress)
 
     def _mask(self, ctx: MaskContext, progress: float) -> torch.Tensor:

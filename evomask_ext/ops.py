@@ -43,6 +43,7 @@ from ._checks import (  # noqa: F401
     _require_bool,
     _require_device,
     _require_generator,
+    _require_usable_ratio,
     _require_shape,
     _require_floating,
     _require_finite,
@@ -156,7 +157,8 @@ def hier_mask(
 
     Args:
         attn: ``[B, N, N]`` patch similarity, e.g. attention averaged over heads and layers.
-        mask_ratio: fraction of patches to mask, in (0, 1).
+        mask_ratio: fraction of patches to mask, in (0, 1), masking at least one of the N patches
+            and keeping at least one (otherwise ValueError naming the nearest usable ratio).
         progress: training progress ``t / T`` in [0, 1].
         generator: source of the group order when ``noise`` is not given.
         noise: ``[B, N]`` float keys on ``attn``'s device; a group's key is the noise of its
@@ -172,6 +174,11 @@ def hier_mask(
     if noise is None:
         if attn.dim() != 3:
             raise ValueError(f"attn must be a [B, N, N] tensor, got shape {list(attn.shape)}")
+        # Refused before the noise is drawn, so a refused call leaves the generator where it was
+        # (the op checks it too, after attn's own checks). A symbolic N (torch.compile with
+        # dynamic shapes) is left to the op: checking here would specialize the graph on N.
+        if isinstance(attn.shape[1], int) and attn.shape[1] >= 2:
+            _require_usable_ratio(mask_ratio, attn.shape[1])
         noise = draw_noise(attn.shape[0], attn.shape[1], attn.device, generator)
     else:
         _require_tensor(noise, "noise")

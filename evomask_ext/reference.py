@@ -15,7 +15,14 @@ import math
 
 import torch
 
-from ._checks import EM_ITERS_HINT, MAX_EM_ITERS, _require_int, _require_tensor, _require_unit_interval
+from ._checks import (
+    EM_ITERS_HINT,
+    MAX_EM_ITERS,
+    _require_int,
+    _require_tensor,
+    _require_unit_interval,
+    _require_usable_ratio,
+)
 
 __all__ = ["linkage_tree", "hier_mask", "gmm_em", "masked_count", "mask_depth", "group_labels"]
 
@@ -166,12 +173,16 @@ def group_labels(children: torch.Tensor, levels: torch.Tensor, depth: int) -> to
 def hier_mask(attn: torch.Tensor, noise: torch.Tensor, mask_ratio: float, progress: float) -> torch.Tensor:
     """EHM mask (Eq. 14-17): bool [B, N], True = masked, exactly ``masked_count(N, r)`` per row.
 
+    A ``mask_ratio`` whose count masks no patch of N, or keeps none, is refused (ValueError naming
+    the nearest usable ratio), as in the kernels.
+
     Groups are the maximal subtrees of level <= h, h = min(l, 1 + floor(l * progress)). They are
     taken in decreasing order of their key (``noise`` at their smallest leaf; ties to the smaller
     leaf) and masked whole; the last one is cut in left-to-right leaf order.
     """
     s = _similarity_as_float(attn, "attn")
     _check(0.0 < mask_ratio < 1.0, f"mask_ratio must be in the open interval (0, 1), got {mask_ratio}")
+    _require_usable_ratio(mask_ratio, s.shape[1])
     _check(0.0 <= progress <= 1.0, f"progress (t / T) must be in [0, 1], got {progress}")
     _check(
         noise.device == attn.device,

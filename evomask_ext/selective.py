@@ -36,6 +36,7 @@ from .ops import (
     _require_same_device,
     _require_tensor,
     _require_unit_interval,
+    _require_usable_ratio,
     draw_noise,
 )
 
@@ -88,7 +89,8 @@ def selective_scores(
             of this package, :func:`mae_patch_errors`); only masked patches' errors are used.
         images: the batch ``[B, C, H, W]``.
         num_patches: N.
-        mask_ratio: ratio of the probing random masks (MAE's rule for the count).
+        mask_ratio: ratio of the probing random masks (MAE's rule for the count; it must mask one
+            patch and keep one).
         probes: R, the number of random-mask passes.
         generator: source of the probing masks.
 
@@ -102,6 +104,7 @@ def selective_scores(
     _check_images(images, "images")
     num_patches = _require_int(num_patches, "num_patches", minimum=1)
     mask_ratio = _require_unit_interval(mask_ratio, "mask_ratio", open_interval=True)
+    _require_usable_ratio(mask_ratio, num_patches)
     probes = _require_int(probes, "probes", minimum=1)
     batch = images.shape[0]
     total = torch.zeros(batch, num_patches, device=images.device)

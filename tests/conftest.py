@@ -200,6 +200,24 @@ def masked_count(n: int, mask_ratio: float) -> int:
     return n - int(n * (1 - mask_ratio))
 
 
+def assert_names_nearest_usable_ratio(message: str, n: int) -> None:
+    """``message`` refuses a mask_ratio that masks no patch (or keeps none) of ``n`` and ends with
+    the nearest usable ratio: that ratio must mask one patch (keep one) and the next float
+    towards the refused side must not, by MAE's count itself (the count grows with the ratio)."""
+    import math
+    import re
+
+    found = re.search(r"the (smallest|largest) ratio that (masks|keeps) one is (\S+)$", message)
+    assert found, message
+    bound = float(found.group(3))
+    if found.group(1) == "smallest":
+        assert "masks no patch" in message
+        assert masked_count(n, bound) >= 1 and masked_count(n, math.nextafter(bound, 0.0)) == 0, message
+    else:
+        assert "keeps no patch" in message
+        assert masked_count(n, bound) <= n - 1 and masked_count(n, math.nextafter(bound, 1.0)) == n, message
+
+
 def mask_depth(children, n: int, progress: float) -> int:
     """``h = min(l, 1 + floor(l * progress))`` with ``l`` the root's level."""
     tree_height = recompute_levels(children, n)[-1]

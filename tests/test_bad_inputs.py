@@ -267,6 +267,10 @@ table(evomask_ext.hier_mask, lambda g: dict(attn=attn_of(g)), "hier_mask", [
     ("attn-on-meta-no-noise-generator-str", dict(attn=lambda g: meta(attn_of(g)), generator=1),
      TE, r"^generator must be a torch\.Generator"),
     ("attn-rank-2-drawn-noise", dict(attn=lambda g: torch.rand(N, N, generator=g)), VE, r"^attn must be a \[B, N, N\]"),
+    ("mask_ratio-masks-none", dict(mask_ratio=1e-17), VE, r"^mask_ratio = 1e-17 masks no patch of N = 16 .*"
+     r"the smallest ratio that masks one is 5\.551115123125784e-17$"),
+    ("mask_ratio-keeps-none", dict(mask_ratio=0.95), VE, r"^mask_ratio = 0\.95 keeps no patch of N = 16 .*"
+     r"the largest ratio that keeps one is 0\.9375$"),
 ])
 
 # group_labels ---------------------------------------------------------------------------------
@@ -383,6 +387,10 @@ table(evomask_ext.part_mask, lambda g: dict(attn=attn_of(g), mask_ratio=0.75, pr
     ("attn-Inf", dict(attn=lambda g: poke(attn_of(g), INF)), VE, r"^attn contains NaN or Inf"),
     ("attn-fp16-NaN", dict(attn=lambda g: poke(attn_of(g), NAN).half()), VE, r"^attn contains NaN or Inf"),
     *fraction_rows("mask_ratio", open_interval=True),
+    ("mask_ratio-masks-none", dict(mask_ratio=1e-17), VE, r"^mask_ratio = 1e-17 masks no patch of N = 16 .*"
+     r"the smallest ratio that masks one is 5\.551115123125784e-17$"),
+    ("mask_ratio-keeps-none", dict(mask_ratio=0.95), VE, r"^mask_ratio = 0\.95 keeps no patch of N = 16 .*"
+     r"the largest ratio that keeps one is 0\.9375$"),
     *fraction_rows("progress", open_interval=False),
     *int_rows("num_parts", 1, message=r"^num_parts must be an int >= 1 or None", none_ok=True),
     ("gamma-0", dict(gamma=0.0), VE, r"^gamma must be a finite float > 0"),
@@ -432,6 +440,11 @@ table(masking.random_mask, RANDOM, "random_mask", [
     *int_rows("batch_size", 0),
     *int_rows("num_patches", 1),
     *fraction_rows("mask_ratio", open_interval=True),
+    ("mask_ratio-masks-none", dict(mask_ratio=1e-17), VE, r"^mask_ratio = 1e-17 masks no patch of N = 16 .*"
+     r"the smallest ratio that masks one is 5\.551115123125784e-17$"),
+    ("mask_ratio-keeps-none", dict(mask_ratio=0.95), VE, r"^mask_ratio = 0\.95 keeps no patch of N = 16 .*"
+     r"the largest ratio that keeps one is 0\.9375$"),
+    ("mask_ratio-N=1-keeps-none", dict(num_patches=1), VE, r"^mask_ratio = 0\.5 keeps no patch of N = 1: no ratio"),
     ("device-bogus", dict(device="bogus"), VE, r"^device must be a torch\.device"),
     ("device-None", dict(device=None), TE, r"^device must be a torch\.device"),
     ("generator-str", dict(generator="seed"), TE, r"^generator must be a torch\.Generator"),
@@ -502,6 +515,10 @@ for _name in sorted(STRATEGIES):
         ("mask_ratio-str", dict(mask_ratio="0.5"), TE, r"^mask_ratio must be a float"),
         ("mask_ratio-bool", dict(mask_ratio=True), TE, r"^mask_ratio must be a float"),
         ("mask_ratio-Inf", dict(mask_ratio=INF), VE, r"^mask_ratio must be in the open interval \(0, 1\)"),
+        ("mask_ratio-masks-none", dict(mask_ratio=1e-17), VE, r"^mask_ratio = 1e-17 masks no patch of N = 16 .*"
+         r"the smallest ratio that masks one is 5\.551115123125784e-17$"),
+        ("mask_ratio-keeps-none", dict(mask_ratio=0.95), VE, r"^mask_ratio = 0\.95 keeps no patch of N = 16 .*"
+         r"the largest ratio that keeps one is 0\.9375$"),
         ("ctx-None", dict(ctx=None), TE, r"^ctx must be a MaskContext"),
         ("ctx-dict", dict(ctx={"batch_size": B}), TE, r"^ctx must be a MaskContext"),
         ("progress-str", dict(progress="0.5"), TE, r"^progress must be a float"),
@@ -592,6 +609,10 @@ table(selective.selective_scores,
     ("images-NaN", dict(images=lambda g: poke(images_of(g), NAN)), VE, r"^images contains NaN or Inf"),
     *int_rows("num_patches", 1),
     *fraction_rows("mask_ratio", open_interval=True),
+    ("mask_ratio-masks-none", dict(mask_ratio=1e-17), VE, r"^mask_ratio = 1e-17 masks no patch of N = 16 .*"
+     r"the smallest ratio that masks one is 5\.551115123125784e-17$"),
+    ("mask_ratio-keeps-none", dict(mask_ratio=0.95), VE, r"^mask_ratio = 0\.95 keeps no patch of N = 16 .*"
+     r"the largest ratio that keeps one is 0\.9375$"),
     *int_rows("probes", 1),
     ("patch_errors-returns-list", dict(patch_errors=lambda i, m: [0.0]), TE, r"^patch_errors must return a torch\.Tensor"),
     ("patch_errors-returns-wrong-shape", dict(patch_errors=lambda i, m: torch.rand(B, N - 1)),
@@ -695,6 +716,8 @@ table(lambda **kw: EvolvedMasker(**kw), lambda g: dict(strategy="ehm", mask_rati
     ("seed-str", dict(seed="0"), TE, r"^seed must be an int"),
     ("seed-float", dict(seed=1.5), TE, r"^seed must be an int"),
     ("seed-bool", dict(seed=True), TE, r"^seed must be an int"),
+    ("mask_ratio-masks-none-of-grid", dict(mask_ratio=1e-17, grid=(4, 4)), VE, r"^mask_ratio = 1e-17 masks no patch of N = 16"),
+    ("mask_ratio-keeps-none-of-grid", dict(mask_ratio=0.95, grid=(4, 4)), VE, r"^mask_ratio = 0\.95 keeps no patch of N = 16"),
     ("grid-str", dict(grid="44"), VE, r"^grid must be a pair"),
     ("grid-one-element", dict(grid=(4,)), VE, r"^grid must be a pair"),
     ("grid-zero", dict(grid=(0, 4)), VE, r"^grid\[0\] \(H\) must be an int >= 1"),
@@ -719,6 +742,9 @@ table(call_masker, lambda g: dict(attn=attn_of(g)), "EvolvedMasker()", [
     ("device-bogus", dict(device="bogus"), VE, r"^device must be a torch\.device"),
     ("device-list", dict(device=["cpu"]), TE, r"^device must be a torch\.device"),
     ("attn-missing", dict(attn=None), VE, r"needs attn, or batch_size and num_patches"),
+    ("mask_ratio-masks-none", dict(init=dict(mask_ratio=1e-17)), VE, r"^mask_ratio = 1e-17 masks no patch of N = 16"),
+    ("mask_ratio-keeps-none", dict(init=dict(mask_ratio=0.95)), VE, r"^mask_ratio = 0\.95 keeps no patch of N = 16"),
+    ("epm-mask_ratio-keeps-none", dict(init=dict(mask_ratio=0.95), strategy="epm"), VE, r"^mask_ratio = 0\.95 keeps no patch"),
 ])
 _RANDOM_MASKER = functools.partial(call_masker, "random", init=dict(mask_ratio=0.5))
 table(_RANDOM_MASKER, lambda g: dict(batch_size=B, num_patches=N), "EvolvedMasker(random)()", [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,6 +22,8 @@ import torch
 
 import evomask_ext
 from evomask_ext import reference
+
+from conftest import assert_names_nearest_usable_ratio
 
 B, N = 3, 7
 
@@ -176,6 +179,46 @@ def test_hier_mask_rejects_bad_args(target, case, gen):
     noise = spec.noise(gen) if spec.noise else torch.rand(B, N, generator=gen)
     with raises_exactly(ValueError, spec.match):
         HIER_TARGETS[target](attn, noise, spec.mask_ratio, spec.progress)
+
+
+# Ratios in (0, 1) that MAE's count N - int(N * (1 - r)) turns into no masked patch, or no kept
+# one, of N = 7: 1 - r rounds to 1 (tiny r), or int(7 * (1 - r)) = 0 (r > 6 / 7).
+UNUSABLE_RATIOS = {
+    "1e-17": 1e-17,
+    "denormal": 5e-324,
+    "0.9": 0.9,
+    "just-below-1": math.nextafter(1.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNUSABLE_RATIOS))
+def test_hier_mask_refuses_a_ratio_that_masks_or_keeps_nothing(case, gen):
+    """A mask_ratio that masks no patch (or keeps none) of N is refused, not turned into an
+    unmasked (or fully masked) batch: exactly a ValueError with the same message from the op, the
+    reference and the wrapper (its own noise or given noise), naming the nearest usable ratio."""
+    ratio = UNUSABLE_RATIOS[case]
+    attn, noise = torch.rand(B, N, N, generator=gen), torch.rand(B, N, generator=gen)
+    messages = {}
+    for target, fn in {**HIER_TARGETS, "wrapper-drawn-noise": hier_wrapper_drawn}.items():
+        with raises_exactly(ValueError, rf"^mask_ratio = {re.escape(repr(ratio))} (masks|keeps) no patch of N = {N} ") as info:
+            fn(attn, noise, ratio, 0.5)
+        messages[target] = str(info.value)
+    assert len(set(messages.values())) == 1, messages
+    assert_names_nearest_usable_ratio(messages["op"], N)
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 16, 50])
+def test_the_named_ratios_are_usable(n, gen):
+    """The ratios the messages name work: the smallest masks exactly one patch, the largest keeps
+    exactly one, on the op and the reference."""
+    attn, noise = torch.rand(2, n, n, generator=gen), torch.rand(2, n, generator=gen)
+    for refused, want in ((1e-300, 1), (math.nextafter(1.0, 0.0), n - 1)):
+        with raises_exactly(ValueError, r"^mask_ratio") as info:
+            torch.ops.evomask.hier_mask(attn, noise, refused, 0.0)
+        assert_names_nearest_usable_ratio(str(info.value), n)
+        bound = float(str(info.value).rsplit(" ", 1)[1])
+        for fn in (torch.ops.evomask.hier_mask, reference.hier_mask):
+            assert fn(attn, noise, bound, 0.0).sum(1).tolist() == [want, want]
 
 
 @pytest.mark.cuda

@@ -64,6 +64,7 @@ HAS_CUDA = torch.cuda.is_available()
 from conftest import (
     FUZZ_CASES,
     FUZZ_CHECKS,
+    assert_names_nearest_usable_ratio,
     block_similarity,
     depth_groups,
     expected_hier_mask,
@@ -275,13 +276,16 @@ def all_finite_as_float32(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t.float()).all()) for t in tensors)
 
 
-def expect_rejected(calls: dict, pattern: str) -> None:
+def expect_rejected(calls: dict, pattern: str) -> str:
     """Each entry point raises exactly a ValueError matching ``pattern`` (the same class from the
-    compiled kernels, the reference and the wrappers)."""
+    compiled kernels, the reference and the wrappers); returns the last message."""
+    message = ""
     for name, call in calls.items():
         with pytest.raises(ValueError, match=pattern) as info:
             call()
         assert type(info.value) is ValueError, (name, type(info.value))
+        message = str(info.value)
+    return message
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,7 +443,7 @@ def test_fuzz_linkage_tree(spec: SimSpec):
 # --------------------------------------------------------------------------------------------
 
 NOISE_KINDS = ("uniform", "uniform", "distinct", "quantized", "constant", "huge")
-SPECIAL_RATIOS = (0.75, 0.5, 0.9, 0.1, 0.25, 0.6, 0.4, 1e-12, 1 - 1e-12, 5e-324, float(np.nextafter(1.0, 0.0)))
+SPECIAL_RATIOS = (0.75, 0.5, 0.9, 0.1, 0.25, 0.6, 0.4, 1e-12, 1 - 1e-12, 5e-324, 1e-17, float(np.nextafter(1.0, 0.0)))
 
 
 @dataclass(frozen=True)
@@ -456,12 +460,16 @@ class HierSpec:
 
 @st.composite
 def ratios(draw, n: int) -> float:
-    """mask_ratio in (0, 1): any float, typical values, extremes, and j / N (MAE rounding edges)."""
-    kind = draw(st.integers(0, 3))
+    """mask_ratio in (0, 1): any float, typical values, extremes, and j / N (MAE rounding edges).
+    Ratios that mask no patch or keep none of N are refused; any float (kind 0) is often one for
+    small N, so kind 2 draws from the ratios that keep one, (0, (N - 1) / N]."""
+    kind = draw(st.integers(0, 4))
     if kind == 0:
         return draw(st.floats(0.0, 1.0, exclude_min=True, exclude_max=True))
     if kind == 1:
         return draw(st.sampled_from(SPECIAL_RATIOS))
+    if kind == 2:
+        return draw(st.floats(0.0, (n - 1) / n, exclude_min=True))
     return draw(st.integers(1, n - 1)) / n if n > 2 else 0.5
 
 
@@ -537,6 +545,18 @@ def test_fuzz_hier_mask(spec: HierSpec):
     attn, noise = make_sim(spec.sim), make_noise(spec)
     batch, n, ratio = spec.sim.batch, spec.sim.n, spec.ratio
     progress = 0.5 if spec.progress is None else spec.progress
+    # The op checks attn first, then the ratio against N, then the noise.
+    if all_finite_as_float32(attn) and not 1 <= masked_count(n, ratio) <= n - 1:
+        message = expect_rejected(
+            {"op": lambda: op(attn, noise, ratio, progress),
+             "reference": lambda: reference.hier_mask(attn, noise, ratio, progress),
+             "wrapper": lambda: evomask_ext.hier_mask(attn, ratio, progress, noise=noise),
+             "wrapper-generator": lambda: evomask_ext.hier_mask(attn, ratio, progress, generator=torch.Generator())},
+            rf"^mask_ratio = .* (masks|keeps) no patch of N = {n} ",
+        )  # fmt: skip
+        assert_names_nearest_usable_ratio(message, n)
+        FUZZ_CHECKS["hier_mask: ratio that masks or keeps nothing, rejected"] += 1
+        return
     if not all_finite_as_float32(attn, noise):
         expect_rejected(
             {"op": lambda: op(attn, noise, ratio, progress),
@@ -996,6 +1016,13 @@ def test_fuzz_part_mask(spec: PartSpec):
         grid=None if spec.default_grid else (spec.h, spec.w), return_parts=True,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(spec.generator_seed)
+    if not 1 <= masked_count(n, spec.ratio) <= n - 1:  # checked before attn's values
+        with pytest.raises(ValueError, match=rf"^mask_ratio = .* (masks|keeps) no patch of N = {n} ") as info:
+            evomask_ext.part_mask(attn, spec.ratio, spec.progress, generator=generator, **kwargs)
+        assert type(info.value) is ValueError
+        assert_names_nearest_usable_ratio(str(info.value), n)
+        FUZZ_CHECKS["part_mask: ratio that masks or keeps nothing, rejected"] += 1
+        return
     if batch > 0 and not all_finite_as_float32(attn):
         with pytest.raises(ValueError, match=r"NaN or Inf") as info:
             evomask_ext.part_mask(attn, spec.ratio, spec.progress, generator=generator, **kwargs)

@@ -17,6 +17,7 @@ from conftest import (
     block_similarity,
     depth_groups,
     distinct_noise,
+    assert_names_nearest_usable_ratio,
     expected_hier_mask,
     iid_similarity,
     left_to_right_leaves,
@@ -32,6 +33,23 @@ PROGRESS = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
 
 def op_mask(attn, noise, mask_ratio, progress):
     return torch.ops.evomask.hier_mask(attn, noise, mask_ratio, progress)
+
+
+def refused(n: int, ratio: float) -> bool:
+    """Whether MAE's count of ``ratio`` masks no patch of ``n``, or keeps none (the op refuses it)."""
+    return not 1 <= masked_count(n, ratio) <= n - 1
+
+
+def mask_or_refusal(fn, attn, noise, ratio, progress):
+    """``fn``'s mask, or None after checking that ``fn`` refuses a ratio that masks no patch or
+    keeps none of N (ValueError naming the nearest usable ratio)."""
+    n = attn.shape[1]
+    if not refused(n, ratio):
+        return fn(attn, noise, ratio, progress)
+    with pytest.raises(ValueError, match=rf"^mask_ratio = .* (masks|keeps) no patch of N = {n} ") as info:
+        fn(attn, noise, ratio, progress)
+    assert_names_nearest_usable_ratio(str(info.value), n)
+    return None
 
 
 def tree_children(attn: torch.Tensor) -> torch.Tensor:
@@ -52,7 +70,9 @@ def test_exact_masked_count(device, n, gen):
     noise = torch.rand(4, n, generator=gen).to(device)
     for ratio in RATIOS:
         for progress in (0.0, 0.3, 0.6, 1.0):
-            mask = op_mask(attn, noise, ratio, progress)
+            mask = mask_or_refusal(op_mask, attn, noise, ratio, progress)
+            if mask is None:
+                continue
             assert mask.dtype == torch.bool and mask.shape == (4, n) and mask.device == attn.device
             counts = mask.sum(dim=1).tolist()
             assert counts == [masked_count(n, ratio)] * 4, (ratio, progress)
@@ -60,11 +80,16 @@ def test_exact_masked_count(device, n, gen):
 
 def test_masked_count_float_rounding_edges(gen):
     """The count follows MAE's float expression literally, including its rounding:
-    1 - 0.9 = 0.0999..., so int(10 * 0.0999...) = 0 and all 10 patches are masked."""
+    1 - 0.9 = 0.0999..., so int(10 * 0.0999...) = 0 would keep none of 10 patches; that ratio is
+    refused, naming the float just below 0.9 as the largest that keeps one."""
     assert masked_count(196, 0.75) == 147  # ViT-B/16: keep 49
     assert masked_count(3, 0.5) == 2  # keep int(1.5) = 1
     assert masked_count(10, 0.9) == 10
-    for n, ratio in [(10, 0.9), (10, 0.7), (10, 0.3), (20, 0.45), (1000, 0.9)]:
+    attn, noise = iid_similarity(2, 10, gen), torch.rand(2, 10, generator=gen)
+    with pytest.raises(ValueError, match=r"^mask_ratio = 0\.9 keeps no patch of N = 10 .* is 0\.8999999999999999$"):
+        op_mask(attn, noise, 0.9, 0.5)
+    assert op_mask(attn, noise, 0.8999999999999999, 0.5).sum(1).tolist() == [9, 9]
+    for n, ratio in [(10, 0.7), (10, 0.3), (20, 0.45), (1000, 0.9)]:
         mask = op_mask(iid_similarity(2, n, gen), torch.rand(2, n, generator=gen), ratio, 0.5)
         assert mask.sum(1).tolist() == [n - int(n * (1 - ratio))] * 2, (n, ratio)
 
@@ -82,8 +107,9 @@ def test_progress_zero_is_mae_random_masking(device, n, ratio, gen):
     whatever the attention."""
     attn = block_similarity(5, n, gen).to(device)
     noise = distinct_noise(5, n, gen)
-    got = op_mask(attn, noise.to(device), ratio, 0.0).cpu()
-    assert torch.equal(got, mae_random_masking(noise, ratio))
+    got = mask_or_refusal(op_mask, attn, noise.to(device), ratio, 0.0)
+    if got is not None:
+        assert torch.equal(got.cpu(), mae_random_masking(noise, ratio))
 
 
 def test_progress_zero_ties_go_to_smaller_index(gen):
@@ -135,7 +161,10 @@ def test_masks_whole_groups(device, make, n, gen):
     children = tree_children(attn)
     for progress in PROGRESS:
         for ratio in (0.25, 0.75):
-            mask = op_mask(attn.to(device), noise.to(device), ratio, progress).cpu().numpy()
+            mask = mask_or_refusal(op_mask, attn.to(device), noise.to(device), ratio, progress)
+            if mask is None:
+                continue
+            mask = mask.cpu().numpy()
             for b in range(batch):
                 assert_whole_groups(mask[b], children[b], noise[b].numpy(), progress)
                 want = expected_hier_mask(children[b], noise[b], ratio, progress)
@@ -151,7 +180,10 @@ def test_progress_one_masks_prefix_of_leaf_order(device, n, gen):
     noise = torch.rand(3, n, generator=gen)
     children = tree_children(attn)
     for ratio in (0.1, 0.5, 0.75):
-        mask = op_mask(attn.to(device), noise.to(device), ratio, 1.0).cpu()
+        mask = mask_or_refusal(op_mask, attn.to(device), noise.to(device), ratio, 1.0)
+        if mask is None:
+            continue
+        mask = mask.cpu()
         for b in range(3):
             prefix = left_to_right_leaves(children[b], n)[: masked_count(n, ratio)]
             want = torch.zeros(n, dtype=torch.bool)
@@ -184,8 +216,11 @@ def test_kernel_equals_reference(device, make, batch, n, gen):
     attn = make(batch, n, gen)
     noise = torch.rand(batch, n, generator=gen)
     for ratio, progress in [(0.3, 0.0), (0.75, 0.1), (0.3, 0.25), (0.75, 0.5), (0.5, 0.8), (0.75, 1.0)]:
-        got = op_mask(attn.to(device), noise.to(device), ratio, progress).cpu()
-        assert torch.equal(got, reference.hier_mask(attn, noise, ratio, progress)), (ratio, progress)
+        got = mask_or_refusal(op_mask, attn.to(device), noise.to(device), ratio, progress)
+        want = mask_or_refusal(reference.hier_mask, attn, noise, ratio, progress)
+        assert (got is None) == (want is None), (ratio, progress)
+        if got is not None:
+            assert torch.equal(got.cpu(), want), (ratio, progress)
 
 
 def test_kernel_equals_reference_n1024(gen):
@@ -214,8 +249,12 @@ def test_kernel_equals_reference_property(batch, n, ratio, progress, seed):
     g = torch.Generator().manual_seed(seed)
     attn = torch.rand(batch, n, n, generator=g)
     noise = torch.rand(batch, n, generator=g)
-    got = op_mask(attn, noise, ratio, progress)
-    assert torch.equal(got, reference.hier_mask(attn, noise, ratio, progress))
+    got = mask_or_refusal(op_mask, attn, noise, ratio, progress)
+    want = mask_or_refusal(reference.hier_mask, attn, noise, ratio, progress)
+    if got is None:
+        assert want is None
+        return
+    assert torch.equal(got, want)
     children = tree_children(attn)
     for b in range(batch):
         np.testing.assert_array_equal(got[b].numpy(), expected_hier_mask(children[b], noise[b], ratio, progress))

@@ -71,6 +71,10 @@ def test_contract(name, grid, ratio):
     strategy = build_strategy(name, ratio)
     for progress in (0.0, 0.5, 1.0):
         ctx = make_ctx(name, batch, grid, seed=7, input_seed=int(1000 * ratio) + n)
+        if expected_count(n, ratio) == n:  # 0.9 of 2 x 2 keeps no patch: refused, naming the largest usable ratio
+            with pytest.raises(ValueError, match=rf"^mask_ratio = {ratio} keeps no patch of N = {n} .* is 0\.75$"):
+                strategy(ctx, progress)
+            continue
         mask = strategy(ctx, progress)
         assert mask.dtype == torch.bool
         assert mask.shape == (batch, n)
@@ -156,6 +160,10 @@ def test_global_rng_when_no_generator(name):
 @pytest.mark.parametrize("n", (4, 15, 196))
 def test_random_equals_mae_rule(ratio, n):
     noise = torch.rand(16, n, generator=gen(n))
+    if expected_count(n, ratio) == n:  # keeps no patch: refused
+        with pytest.raises(ValueError, match=rf"^mask_ratio = {ratio} keeps no patch of N = {n} "):
+            random_mask(16, n, ratio, "cpu", noise=noise)
+        return
     assert torch.equal(random_mask(16, n, ratio, "cpu", noise=noise), mae_random_masking(noise, ratio))
     # From a generator: the noise is a plain torch.rand draw of [B, N] on the generator's device.
     expected = mae_random_masking(torch.rand(16, n, generator=gen(99)), ratio)
@@ -216,6 +224,10 @@ def test_block_rows_have_blocks():
 @pytest.mark.parametrize("ratio", (0.25, 0.5, 0.75, 0.9))
 def test_block_small_grids_fall_back(grid, ratio):
     n = grid[0] * grid[1]
+    if expected_count(n, ratio) == n:  # e.g. 0.75 of 3 keeps no patch: refused
+        with pytest.raises(ValueError, match=rf"^mask_ratio = {ratio} keeps no patch of N = {n} "):
+            build_strategy("block", ratio)(MaskContext(10, grid, "cpu", gen(2)), 0.0)
+        return
     mask = build_strategy("block", ratio)(MaskContext(10, grid, "cpu", gen(2)), 0.0)
     assert mask.sum(1).tolist() == [expected_count(n, ratio)] * 10
 
