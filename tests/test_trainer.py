@@ -89,6 +89,8 @@ def test_ddp_two_processes_gloo(tmp_path):
     state = load_checkpoint(list_checkpoints(tmp_path)[0])
     assert len(state["rng"]) == 2  # both ranks' mask generators are saved
     assert not torch.equal(state["rng"][0]["mask"], state["rng"][1]["mask"])
+    assert state["world"] == 2
+    assert not (tmp_path / "evomask.lock").exists()  # held by rank 0 alone, released at the end
 
 
 def test_attention_maps_match_timm_softmax():

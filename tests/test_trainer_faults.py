@@ -489,8 +489,8 @@ def test_bad_configurations_stop_with_the_flag_named(tmp_path, argv, expected, c
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err
-    message = err if exit_info.value.code == 3 else str(exit_info.value.code)
-    assert re.search(expected, message), (exit_info.value.code, err)
+    assert exit_info.value.code == 3, (exit_info.value.code, err)
+    assert re.search(rf"^\[evomask\] stopped: .*{expected}", err, re.M), err
 
 
 def test_deterministic_flag_is_scoped_to_the_run(tmp_path, monkeypatch):

@@ -128,6 +128,25 @@ def test_lock_from_another_host_is_not_taken(tmp_path, capsys):
     assert not (out / "metrics.csv").exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times come from /proc")
+def test_lock_of_a_reused_pid_is_stale_and_a_lock_kept_by_children_is_not(tmp_path):
+    """A lock naming a live pid whose process started at another time (the pid was reused) is stale;
+    a lock whose recorded pid has ended while the lock itself is still held (by the processes it
+    forked, which share the open file) is not, and the message says why."""
+    from evomask_train.run_lock import FolderBusy, RunLock
+
+    (tmp_path / LOCK).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(),
+                                             "pid_started": "0", "since": "earlier"}))
+    with RunLock(tmp_path) as lock:
+        assert lock.took_over and f"pid {os.getppid()} " in lock.took_over
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        (tmp_path / LOCK).write_text(json.dumps({"pid": int(dead), "host": socket.gethostname(), "since": "x"}))
+        with pytest.raises(FolderBusy, match=rf"pid {dead} .*has ended but processes it started still hold"):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK).exists()
+
+
 def lock_seen_during_training(monkeypatch, out: Path, fail_at: int | None = None, exc: type = KeyboardInterrupt):
     """Records, at each training forward, whether ``out`` holds a lock naming this process."""
     seen = []

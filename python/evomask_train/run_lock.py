@@ -122,6 +122,11 @@ class RunLock:
         if other_host:
             return (f"{text}; that host's processes cannot be checked from here: if that run has ended, "
                     f"delete {self.path}, else use another --output-dir")
+        pid = holder.get("pid") if holder else None
+        if holder and holder.get("host") == socket.gethostname() and isinstance(pid, int) \
+                and not _pid_alive(pid, holder.get("pid_started")):
+            # The lock belongs to the open file, which the run's forked workers share until they exit.
+            return f"{text}; that pid has ended but processes it started still hold the lock: retry once they exit"
         return f"{text}; wait for it to end or use another --output-dir"
 
     def release(self) -> None:
