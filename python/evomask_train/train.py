@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 import evomask_ext
 from evomask_ext.attention import attention_maps
+from evomask_ext._checks import largest_keeping_ratio, smallest_masking_ratio
 from evomask_ext.masking import STRATEGIES, MaskContext, MaskStrategy, build_strategy
 
 from .checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, save_atomic
@@ -357,43 +358,20 @@ def _hold_output_dir(out: Path, cleanup: contextlib.ExitStack) -> None:
 
 
 def _check_mask_ratio(ratio: float, n: int) -> None:
-    """Refuses a ratio that masks none or all of the ``n`` patches under MAE's ``N - int(N (1 - r))``."""
+    """Refuses a ratio that masks none or all of the ``n`` patches under MAE's ``N - int(N (1 - r))``.
+
+    The masking ops refuse it too, but only at the first step and as a traceback.
+    """
     count = n - int(n * (1 - ratio))
     if 0 < count < n:
         return
     what = "masks no patch" if count == 0 else "keeps no patch visible"
     rule = f"N - int(N * (1 - r)) = {count} of N = {n} patches"
-    low, high = _usable_mask_ratios(n)
-    if low is None:
+    if n < 2:
         raise TrainingStopped(f"--mask-ratio {ratio} {what} ({rule}); with one patch no ratio masks one and "
                               "keeps one: use a smaller --patch-size")
-    raise TrainingStopped(f"--mask-ratio {ratio} {what} ({rule}): use a ratio from {low:.2g} to {high:.4g} "
-                          f"for N = {n}")
-
-
-def _usable_mask_ratios(n: int) -> tuple[float | None, float | None]:
-    """The smallest and largest ratio (rounded inwards) that mask at least one and keep at least one of ``n``.
-
-    The masked count is monotone in the ratio, so each end is found by bisection over floats.
-    """
-    def masked(r: float) -> int:
-        return n - int(n * (1 - r))
-
-    if n < 2:
-        return None, None
-
-    def edge(good: float, bad: float) -> float:
-        while (mid := (good + bad) / 2) not in (good, bad):
-            good, bad = (mid, bad) if 0 < masked(mid) < n else (good, mid)
-        return good
-
-    return _round_inwards(edge(0.5, 0.0), 2, up=True), _round_inwards(edge(0.5, 1.0), 4, up=False)
-
-
-def _round_inwards(x: float, digits: int, up: bool) -> float:
-    exponent = math.floor(math.log10(x)) - digits + 1
-    scaled = x / 10.0**exponent
-    return float(f"{math.ceil(scaled) if up else math.floor(scaled)}e{exponent}")
+    raise TrainingStopped(f"--mask-ratio {ratio} {what} ({rule}): use a ratio from {smallest_masking_ratio(n)!r} "
+                          f"to {largest_keeping_ratio(n)!r} for N = {n}")
 
 
 #: Flags a resumed run must share with its checkpoint: they shape the model, the data or the masks.
