@@ -3,7 +3,9 @@
 A thin loop in the spirit of MAE's ``main_pretrain.py``: AdamW (0.9, 0.95), cosine schedule with
 warmup, bf16 autocast on CUDA, gradient accumulation, DDP under ``torchrun``, atomic
 checkpoints with every RNG state (so a resumed run continues bit for bit), a tqdm bar,
-``metrics.csv`` plus TensorBoard, and mask galleries.
+``metrics.csv`` plus TensorBoard, and mask galleries. A run holds its output folder (a lock file,
+see :mod:`evomask_train.run_lock`) and resumes only a checkpoint saved with the same model, data
+and mask flags.
 
 Each step embeds the batch once; the masking strategy sees that embedding and, for the
 attention-driven strategies, runs the current encoder's first ``--attn-layers`` blocks on the
