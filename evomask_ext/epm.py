@@ -36,6 +36,7 @@ from .ops import (
     draw_noise,
     gmm_em,
 )
+from .epm_released import part_mask_released, require_variant
 from .reference import masked_count
 
 __all__ = ["num_parts_schedule", "part_mask", "part_labels", "PartMaskResult"]
@@ -135,6 +136,7 @@ def part_mask(
     grid: tuple[int, int] | None = None,
     reg_covar: float = 1e-6,
     return_parts: bool = False,
+    variant: str = "paper",
 ) -> torch.Tensor | PartMaskResult:
     """EPM mask of each image from its patch attention.
 
@@ -153,6 +155,11 @@ def part_mask(
         grid: ``(H, W)`` with ``H * W = N``; default square.
         reg_covar: added to the mixture's variances (> 0).
         return_parts: also return the part labels (:class:`PartMaskResult`).
+        variant: ``"paper"`` (the above) or ``"released"``, the authors' released code
+            (:mod:`evomask_ext.epm_released`): K jittered per batch when ``num_parts`` is None,
+            parts from :func:`evomask_ext.vmf_kmeans` over the rows of ``attn^T``, one grid table
+            per batch, ``alpha = min(1, sqrt(progress + 1/300))``; ``gamma``, ``em_iters`` and
+            ``reg_covar`` must then keep their defaults.
 
     Returns:
         bool ``[B, N]`` on ``attn``'s device, True = masked; with ``return_parts``, ``(mask, parts)``.
@@ -167,6 +174,11 @@ def part_mask(
     mask_ratio = _require_unit_interval(mask_ratio, "mask_ratio", open_interval=True)
     _require_usable_ratio(mask_ratio, n)
     progress = _unit(progress, "progress")
+    if require_variant(variant) == "released":
+        return part_mask_released(
+            attn, mask_ratio, progress, num_parts, generator, grid, return_parts,
+            gamma=gamma, em_iters=em_iters, reg_covar=reg_covar,
+        )
     if num_parts is None:
         num_parts = num_parts_schedule(progress)
     num_parts = _require_int(num_parts, "num_parts", minimum=1, hint=" or None")

@@ -530,18 +530,29 @@ class EPMMask(MaskStrategy):
     """Evolved Part Masking (Feng & Zhang, CVPR 2023) via :func:`evomask_ext.epm.part_mask` on
     ``ctx.attn`` ``[B, N, N]``: grid masks early, whole attention parts late
     (``alpha = progress ** gamma``), K parts from the 40 -> 10 schedule unless ``num_parts`` is given.
+    ``variant="released"`` runs the authors' released code instead (:mod:`evomask_ext.epm_released`).
     """
 
     name = "epm"
     needs = frozenset({"attn"})
 
-    def __init__(self, mask_ratio: float, num_parts: int | None = None, gamma: float = 2.0, em_iters: int = 10) -> None:
+    def __init__(
+        self, mask_ratio: float, num_parts: int | None = None, gamma: float = 2.0, em_iters: int = 10,
+        variant: str = "paper",
+    ) -> None:
+        from .epm_released import check_paper_only_options, require_variant
+
         super().__init__(mask_ratio)
         if num_parts is not None:
             num_parts = _require_int(num_parts, "num_parts", minimum=1)
         self.num_parts = num_parts
         self.gamma = _require_real(gamma, "gamma", greater_than=0.0)
         self.em_iters = _require_int(em_iters, "em_iters", minimum=0, maximum=MAX_EM_ITERS, hint=EM_ITERS_HINT)
+        # "released": the authors' code (evomask_ext.epm_released); its paper-only options are
+        # refused here, at construction, rather than at the first batch.
+        self.variant = require_variant(variant)
+        if self.variant == "released":
+            check_paper_only_options(gamma=self.gamma, em_iters=self.em_iters)
 
     def _mask(self, ctx: MaskContext, progress: float) -> torch.Tensor:
         from .epm import part_mask
@@ -550,11 +561,11 @@ class EPMMask(MaskStrategy):
         attn = _context_tensor(ctx, "attn", (ctx.batch_size, n, n), self.name)
         return part_mask(
             attn, self.mask_ratio, progress, num_parts=self.num_parts, gamma=self.gamma, em_iters=self.em_iters,
-            generator=ctx.generator, grid=ctx.grid,
+            generator=ctx.generator, grid=ctx.grid, variant=self.variant,
         )
 
     def __repr__(self) -> str:
         return (
             f"EPMMask(mask_ratio={self.mask_ratio}, num_parts={self.num_parts}, gamma={self.gamma}, "
-            f"em_iters={self.em_iters})"
+            f"em_iters={self.em_iters}, variant={self.variant!r})"
         )

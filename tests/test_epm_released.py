@@ -11,7 +11,10 @@ import math
 import pytest
 import torch
 
+import evomask_ext
+from evomask_ext.epm import part_mask
 from evomask_ext.epm_released import part_mask_released, released_alpha, released_num_parts_range
+from evomask_ext.masking import MaskContext, build_strategy
 
 from test_vmf_kmeans import attention, released_em
 
@@ -108,3 +111,53 @@ def test_empty_batch():
     """B = 0 gives an empty mask and parts."""
     out = part_mask_released(torch.rand(0, 16, 16), 0.5, 0.2, None, None, None, True)
     assert out.mask.shape == (0, 16) and out.parts.shape == (0, 16)
+def test_reproducible_and_paper_default_unchanged(gen):
+    """The same generator state gives the same released mask, another seed another one; the
+    default variant is the paper's, draw for draw."""
+    attn = attention(2, 64, gen, 20.0)
+    masks = [part_mask(attn, 0.75, 0.3, generator=torch.Generator().manual_seed(s), variant="released") for s in (1, 1, 2)]
+    assert torch.equal(masks[0], masks[1]) and not torch.equal(masks[0], masks[2])
+    paper = part_mask(attn, 0.75, 0.3, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(paper, part_mask(attn, 0.75, 0.3, generator=torch.Generator().manual_seed(4), variant="paper"))
+
+
+def test_part_mask_empty_batch():
+    """B = 0 gives an empty mask for the released variant too."""
+    out = part_mask(torch.rand(0, 16, 16), 0.5, 0.2, variant="released", return_parts=True)
+    assert out.mask.shape == (0, 16) and out.parts.shape == (0, 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(variant="authors"), ValueError, r"^variant must be 'paper' or 'released', got 'authors'"),
+        (dict(variant=1), TypeError, r"^variant must be a str"),
+        (dict(variant="released", gamma=0.5), ValueError, r"^gamma applies to variant='paper' only"),
+        (dict(variant="released", em_iters=15), ValueError, r"^em_iters applies to variant='paper' only"),
+        (dict(variant="released", reg_covar=1e-3), ValueError, r"^reg_covar applies to variant='paper' only"),
+        (dict(variant="released", num_parts=0), ValueError, r"^num_parts must be an int >= 1"),
+    ],
+)
+def test_bad_options(kwargs, error, match, gen):
+    """A wrong variant, and the paper-only options under the released variant, are refused by
+    name instead of being silently ignored."""
+    with pytest.raises(error, match=match):
+        part_mask(attention(1, 16, gen), 0.5, 0.2, **kwargs)
+
+
+def test_strategy_and_masker_pass_the_variant(gen):
+    """build_strategy("epm", ..., variant="released") and EvolvedMasker("epm", variant=...) give
+    part_mask's released masks from the same generator; the option is checked at construction."""
+    attn = attention(2, 36, gen, 30.0)
+    strategy = build_strategy("epm", 0.75, variant="released")
+    ctx = MaskContext(batch_size=2, grid=(6, 6), device=attn.device, attn=attn, generator=torch.Generator().manual_seed(5))
+    got = strategy(ctx, progress=0.4)
+    want = part_mask(attn, 0.75, 0.4, generator=torch.Generator().manual_seed(5), grid=(6, 6), variant="released")
+    assert torch.equal(got, want)
+    assert "variant='released'" in repr(strategy)
+    masker = evomask_ext.EvolvedMasker("epm", mask_ratio=0.75, seed=0, variant="released")
+    first = masker(attn, step=3, total_steps=10)
+    again = evomask_ext.EvolvedMasker("epm", mask_ratio=0.75, seed=0, variant="released")(attn, step=3, total_steps=10)
+    assert torch.equal(first, again)
+    with pytest.raises(ValueError, match=r"^variant must be 'paper' or 'released'"):
+        build_strategy("epm", 0.75, variant="release")
