@@ -53,6 +53,60 @@ from ._checks import (  # noqa: F401
 )
 
 
+# --------------------------------------------------------------------------------------------
+# Autograd: the ops are not differentiable
+# --------------------------------------------------------------------------------------------
+
+#: The ops whose outputs include floating-point tensors (linkage_tree's heights, every output of
+#: gmm_em), with their tensor arguments. Autograd would hand those outputs ``requires_grad=True``
+#: and a backward that yields no gradient (``torch.func.grad`` silently returns zeros), so an input
+#: that requires grad is refused instead. hier_mask's output is a bool mask, which no gradient
+#: flows through: it accepts such inputs and its mask never requires grad.
+_FLOAT_OUTPUT_OPS = {"linkage_tree": ("sim",), "gmm_em": ("x", "init_means")}
+
+
+def _not_differentiable(op: str, name: str) -> RuntimeError:
+    return RuntimeError(
+        f"evomask.{op} is not differentiable: {name} requires grad, and no gradient would flow back "
+        f"to it; pass {name}.detach(), or call it under torch.no_grad()"
+    )
+
+
+def _require_no_grad(op: str, tensors: dict[str, torch.Tensor]) -> None:
+    """RuntimeError naming the first of ``tensors`` (argument name -> tensor) that requires grad
+    while grad mode is on."""
+    if torch.is_grad_enabled():
+        for name, tensor in tensors.items():
+            if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+                raise _not_differentiable(op, name)
+
+
+def _autograd_kernel(op: str):
+    """The op's Autograd kernel: refuse inputs that require grad (float-output ops), then run the
+    backend kernel below autograd, so no output ever requires grad. Registered for the compiled
+    kernels and the reference alike, since both sit below the Autograd key."""
+    overload = getattr(torch.ops.evomask, op).default
+    names = _FLOAT_OUTPUT_OPS.get(op, ())
+
+    def kernel(*args, **kwargs):
+        _require_no_grad(op, dict(zip(names, args)))
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload(*args, **kwargs)
+
+    return kernel
+
+
+def _register_autograd_kernels() -> torch.library.Library:
+    library = torch.library.Library("evomask", "IMPL")
+    for op in ("linkage_tree", "hier_mask", "gmm_em"):
+        library.impl(op, _autograd_kernel(op), "Autograd")
+    return library
+
+
+# Kept alive: dropping the Library would unregister the kernels.
+_AUTOGRAD_LIBRARY = _register_autograd_kernels()
+
+
 def draw_noise(
     batch: int, num_patches: int, device: torch.device | str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -87,8 +141,12 @@ def linkage_tree(attn: torch.Tensor) -> LinkageTree:
         builds the same clusters.
 
     Cost: O(N^2) memory and typically O(N^2) time per image.
+
+    Not differentiable: an ``attn`` that requires grad (under grad mode) raises RuntimeError;
+    pass ``attn.detach()``.
     """
     _require_tensor(attn, "attn")
+    _require_no_grad("linkage_tree", {"attn": attn})
     return LinkageTree(*torch.ops.evomask.linkage_tree(attn))
 
 
@@ -165,7 +223,8 @@ def hier_mask(
             smallest leaf, larger keys are masked first.
 
     Returns:
-        bool ``[B, N]``, True = masked, the same count in every row.
+        bool ``[B, N]``, True = masked, the same count in every row. A mask carries no gradient:
+        ``attn`` may require grad, the mask never does.
     """
     _require_tensor(attn, "attn")
     mask_ratio = _require_unit_interval(mask_ratio, "mask_ratio", open_interval=True)
@@ -202,9 +261,14 @@ def gmm_em(
         :class:`GaussianMixture`; parts are ``resp.argmax(-1)`` (Eq. 16). Matches scikit-learn's
         ``GaussianMixture(covariance_type="diag", tol=0, max_iter=num_iters)`` from the same
         start within float32 tolerance.
+
+    Not differentiable: an ``x`` or ``init_means`` that requires grad (under grad mode) raises
+    RuntimeError (autograd would otherwise give no gradient, and ``torch.func.grad`` zeros);
+    pass ``.detach()``-ed tensors.
     """
     _require_tensor(x, "x")
     _require_tensor(init_means, "init_means")
+    _require_no_grad("gmm_em", {"x": x, "init_means": init_means})
     num_iters = _require_int(num_iters, "num_iters", minimum=0, maximum=MAX_EM_ITERS, hint=EM_ITERS_HINT)
     reg_covar = _require_real(reg_covar, "reg_covar", greater_than=0.0)
     return GaussianMixture(*torch.ops.evomask.gmm_em(x, init_means, num_iters, reg_covar))
