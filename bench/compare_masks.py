@@ -14,7 +14,7 @@ Resumable: a finished run (``done.json``) or evaluation (``eval.json``) is not r
 interrupted run continues from its newest checkpoint; a run folder made with other settings is
 refused rather than mixed in.
 
-    python bench/compare_masks.py                                    # 7 strategies x 3 seeds, 12 epochs
+    python bench/compare_masks.py                                    # 7 strategies x 3 seeds, 16 epochs
     python bench/compare_masks.py --strategies random ehm --seeds 0 --epochs 1 --output-dir /tmp/smoke
     python bench/compare_masks.py --output-dir bench/results/compare-2026-12-01   # resume that one
 """
@@ -48,10 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES), help="masking strategies")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="one pretraining run per strategy and seed")
     g = p.add_argument_group("pretraining budget (the same for every run)")
-    g.add_argument("--epochs", type=int, default=12, help="pretraining epochs")
+    g.add_argument("--epochs", type=int, default=16, help="pretraining epochs (the README's main job)")
     g.add_argument("--dataset-length", type=int, default=128, help="embedded-photo crops per epoch")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--warmup-epochs", type=float, default=2)
+    g.add_argument("--lr", type=float, default=1.5e-3, help="peak AdamW lr (the main job's; blr's 9.4e-6 barely moves a ViT-Ti)")
     g.add_argument("--model", default="tiny")
     g.add_argument("--img-size", type=int, default=64)
     g.add_argument("--patch-size", type=int, default=8)
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--feature", choices=["cls", "avg"], default="cls")
     g.add_argument("--knn-k", type=int, default=20)
     g.add_argument("--knn-temperature", type=float, default=0.07)
-    g.add_argument("--linear-epochs", type=int, default=90)
+    g.add_argument("--linear-epochs", type=int, default=None, help="default: evomask-eval's (MAE's 7,020 steps)")
     g.add_argument("--eval-every", type=int, default=0,
                    help="k-NN monitor every this many epochs during pretraining, if the trainer has --eval-every (0: off)")
     g = p.add_argument_group("run")
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_flags(args, strategy: str, seed: int) -> list[str]:
     flags = ["--model", args.model, "--img-size", str(args.img_size), "--patch-size", str(args.patch_size),
              "--batch-size", str(args.batch_size), "--dataset-length", str(args.dataset_length),
-             "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup_epochs), "--mask", strategy,
+             "--epochs", str(args.epochs), "--warmup-epochs", str(args.warmup_epochs), "--lr", str(args.lr),
+             "--mask", strategy,
              "--mask-ratio", str(args.mask_ratio), "--seed", str(seed), "--device", args.device,
              "--log-every", "1", "--gallery-every", str(10**6), "--keep-checkpoints", "1"]
     if args.eval_every:
@@ -235,10 +237,11 @@ def report(args, root: Path, rows: list[dict]) -> None:
         "",
         f"Pretraining: ViT-{args.model} MAE, {args.img_size} px, patch {args.patch_size}, mask ratio "
         f"{args.mask_ratio}, {args.epochs} epochs x {args.dataset_length} embedded-photo crops, batch "
-        f"{args.batch_size}, warmup {args.warmup_epochs}, device {args.device}; seeds {args.seeds}. "
+        f"{args.batch_size}, lr {args.lr}, warmup {args.warmup_epochs}, device {args.device}; seeds {args.seeds}. "
         f"Evaluation on {args.eval_data}: {rows[0]['num_train'] if rows else '?'} train / "
         f"{rows[0]['num_val'] if rows else '?'} val images, {args.feature} feature; k-NN k={args.knn_k}, "
-        f"T={args.knn_temperature}; linear probe {args.linear_epochs} epochs (LARS, MAE's recipe, cached features).",
+        f"T={args.knn_temperature}; linear probe: MAE's recipe (LARS, lr 6.4, "
+        f"{args.linear_epochs or 'enough'} epochs{'' if args.linear_epochs else ' for 7,020 steps'}) on cached features.",
         "",
         f"`{INIT}`: the trainer's initial weights for the same seeds (no pretraining). Mean ± sample std over seeds.",
         "",
