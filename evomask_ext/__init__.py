@@ -9,7 +9,7 @@ from . import reference
 from ._loader import COMPILED, REFERENCE_KERNELS, has_kernel, kernel_sources
 from . import _fake  # noqa: F401  (registers the fake kernels)
 from .ops import GaussianMixture, LinkageTree, draw_noise, gmm_em, group_labels, hier_mask, linkage_tree
-from .vmf import VmfKMeans, vmf_kmeans  # noqa: E402  (also declares the op where the library lacks it)
+from .vmf import VmfKMeans, vmf_kmeans
 
 from . import masking, selective  # noqa: E402,F401  (registers the strategies)
 from .epm import num_parts_schedule, part_mask  # noqa: E402

@@ -97,7 +97,7 @@ def _load_compiled() -> tuple[bool, str]:
 def has_kernel(op: str, backend: str) -> bool:
     """Whether ``evomask::op`` has a kernel registered for ``backend`` ("CPU", "CUDA").
 
-    ``op`` is one of the package's ops (``linkage_tree``, ``hier_mask``, ``gmm_em``)."""
+    ``op`` is one of the package's ops (``linkage_tree``, ``hier_mask``, ``gmm_em``, ``vmf_kmeans``)."""
     if not isinstance(op, str) or op not in _schemas.SCHEMAS:
         raise ValueError(f"op must be one of {sorted(_schemas.SCHEMAS)}, got {op!r}")
     if not isinstance(backend, str) or backend not in _BACKENDS:
@@ -106,10 +106,13 @@ def has_kernel(op: str, backend: str) -> bool:
 
 
 def _register_reference_fallbacks(defined_here: bool) -> list[str]:
-    if defined_here:
-        lib = torch.library.Library(NAMESPACE, "DEF")
-        for schema in _schemas.SCHEMAS.values():
-            lib.define(schema, tags=(torch.Tag.pt2_compliant_tag,))
+    # Every op the loaded library does not declare (all of them without a library; the newer ones
+    # with a library built before they existed) is declared here from _schemas.
+    missing = [op for op in _schemas.SCHEMAS if not torch._C._jit_get_schemas_for_operator(f"{NAMESPACE}::{op}")]
+    if missing:
+        lib = torch.library.Library(NAMESPACE, "DEF" if defined_here else "FRAGMENT")
+        for op in missing:
+            lib.define(_schemas.SCHEMAS[op], tags=(torch.Tag.pt2_compliant_tag,))
         _python_libraries.append(lib)
     impl_lib = torch.library.Library(NAMESPACE, "IMPL")
     _python_libraries.append(impl_lib)

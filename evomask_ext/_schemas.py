@@ -12,4 +12,5 @@ SCHEMAS = {
         "gmm_em(Tensor x, Tensor init_means, int num_iters, float reg_covar) -> "
         "(Tensor resp, Tensor means, Tensor variances, Tensor weights, Tensor log_likelihood)"
     ),
+    "vmf_kmeans": "vmf_kmeans(Tensor x, Tensor init_means, int num_iters, float kappa) -> (Tensor resp, Tensor means)",
 }

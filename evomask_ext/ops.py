@@ -58,11 +58,11 @@ from ._checks import (  # noqa: F401
 # --------------------------------------------------------------------------------------------
 
 #: The ops whose outputs include floating-point tensors (linkage_tree's heights, every output of
-#: gmm_em), with their tensor arguments. Autograd would hand those outputs ``requires_grad=True``
+#: gmm_em and vmf_kmeans), with their tensor arguments. Autograd would hand those outputs ``requires_grad=True``
 #: and a backward that yields no gradient (``torch.func.grad`` silently returns zeros), so an input
 #: that requires grad is refused instead. hier_mask's output is a bool mask, which no gradient
 #: flows through: it accepts such inputs and its mask never requires grad.
-_FLOAT_OUTPUT_OPS = {"linkage_tree": ("sim",), "gmm_em": ("x", "init_means")}
+_FLOAT_OUTPUT_OPS = {"linkage_tree": ("sim",), "gmm_em": ("x", "init_means"), "vmf_kmeans": ("x", "init_means")}
 
 
 def _not_differentiable(op: str, name: str) -> RuntimeError:
@@ -98,7 +98,7 @@ def _autograd_kernel(op: str):
 
 def _register_autograd_kernels() -> torch.library.Library:
     library = torch.library.Library("evomask", "IMPL")
-    for op in ("linkage_tree", "hier_mask", "gmm_em"):
+    for op in ("linkage_tree", "hier_mask", "gmm_em", "vmf_kmeans"):
         library.impl(op, _autograd_kernel(op), "Autograd")
     return library
 

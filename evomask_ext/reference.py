@@ -24,7 +24,7 @@ from ._checks import (
     _require_usable_ratio,
 )
 
-__all__ = ["linkage_tree", "hier_mask", "gmm_em", "masked_count", "mask_depth", "group_labels"]
+__all__ = ["linkage_tree", "hier_mask", "gmm_em", "vmf_kmeans", "masked_count", "mask_depth", "group_labels"]
 
 
 def _check(condition: bool, message: str) -> None:
@@ -315,3 +315,7 @@ def gmm_em(
     log_resp, log_likelihood = _e_step(xd, means, variances, weights)
     limit = torch.finfo(torch.float32).max
     return tuple(t.clamp(-limit, limit).float() for t in (log_resp.exp(), means, variances, weights, log_likelihood))
+
+
+# The EPM authors' released clustering; its reference lives with its wrapper.
+from .vmf import reference_vmf_kmeans as vmf_kmeans  # noqa: E402

@@ -4,8 +4,8 @@ The EPM paper (Feng & Zhang, CVPR 2023, Eq. 10-16) fits a diagonal Gaussian mixt
 attention rows; the code the authors released (``model/models_mae_evolved_base.py``, function
 ``EM``) instead runs a soft k-means on the unit sphere with a fixed concentration ``kappa`` (the
 E-step of a von Mises-Fisher mixture with equal weights and one shared kappa). This module holds
-that algorithm as ``torch.ops.evomask.vmf_kmeans``: its pure-PyTorch reference (fallback and
-oracle), its fake kernel and the Python wrapper :func:`vmf_kmeans`.
+that algorithm's pure-PyTorch reference (``evomask_ext.reference.vmf_kmeans``, fallback and
+oracle of ``torch.ops.evomask.vmf_kmeans``) and its Python wrapper :func:`vmf_kmeans`.
 
 The algorithm, per batch item, for points ``x_i`` (rows of ``x``, used as given: the released
 code does not normalise them) and means started at ``l2norm(init_means)``:
@@ -93,52 +93,6 @@ def reference_vmf_kmeans(
         means = _l2norm(z.transpose(1, 2) @ xd / (_EPS + z.sum(dim=1))[..., None])
     z = _softmax(xd @ means.transpose(1, 2), kappa)
     return z.float(), means.float()
-
-
-#: The op's schema as ``csrc/ops.cpp`` declares it (checked against the compiled one by the tests).
-SCHEMA = "vmf_kmeans(Tensor x, Tensor init_means, int num_iters, float kappa) -> (Tensor resp, Tensor means)"
-_libraries: list[torch.library.Library] = []  # kept alive: dropping them would unregister the fallbacks
-
-
-def _register_fallbacks() -> list[str]:
-    """Declares the op when the loaded library does not (the reference only, or a library built
-    before this op existed) and gives the reference to every backend without a compiled kernel;
-    returns those ``"vmf_kmeans/BACKEND"``. The loader does the same for the other ops."""
-    name = "evomask::vmf_kmeans"
-    try:
-        torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
-    except RuntimeError:  # not declared
-        lib = torch.library.Library("evomask", "FRAGMENT")
-        lib.define(SCHEMA, tags=(torch.Tag.pt2_compliant_tag,))
-        _libraries.append(lib)
-    filled = []
-    impl = torch.library.Library("evomask", "IMPL")
-    _libraries.append(impl)
-    for backend in ("CPU", "CUDA"):
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(name, backend):
-            impl.impl("vmf_kmeans", reference_vmf_kmeans, backend)
-            filled.append(f"vmf_kmeans/{backend}")
-    return filled
-
-
-REFERENCE_KERNELS = _register_fallbacks()
-
-
-@torch.library.register_fake("evomask::vmf_kmeans")
-def _vmf_kmeans_fake(x, init_means, num_iters, kappa):
-    torch._check_value(x.dim() == 3, lambda: f"x must be a [B, N, D] tensor, got shape {tuple(x.shape)}")
-    torch._check_value(
-        init_means.dim() == 3 and init_means.shape[0] == x.shape[0] and init_means.shape[2] == x.shape[2],
-        lambda: f"init_means must be [B, K, D] = [{x.shape[0]}, K, {x.shape[2]}], got shape {tuple(init_means.shape)}",
-    )
-    # A meta tensor among real ones routes the call here: name the mix instead of returning garbage.
-    torch._check_value(
-        init_means.device == x.device,
-        lambda: f"init_means must be on x's device ({x.device}), got {init_means.device}",
-    )
-    b, n, d = x.shape
-    k = init_means.shape[1]
-    return x.new_empty((b, n, k), dtype=torch.float32), x.new_empty((b, k, d), dtype=torch.float32)
 
 
 def vmf_kmeans(x: torch.Tensor, init_means: torch.Tensor, num_iters: int = 15, kappa: float = 40.0) -> VmfKMeans:

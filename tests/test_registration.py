@@ -20,7 +20,7 @@ from conftest import block_similarity, distinct_noise, leaf_sets, mae_random_mas
 
 OPS = sorted(_schemas.SCHEMAS)
 BACKENDS = ("CPU", "CUDA")
-COMPILED_OPS = ("linkage_tree", "hier_mask", "gmm_em")  # ops with compiled CPU and CUDA kernels
+COMPILED_OPS = ("linkage_tree", "hier_mask", "gmm_em", "vmf_kmeans")  # ops with compiled CPU and CUDA kernels
 
 
 def op_packet(name: str):
@@ -140,9 +140,9 @@ FALLBACK_SCRIPT = textwrap.dedent(
         "compiled": evomask_ext.COMPILED,
         "reference_kernels": sorted(evomask_ext.REFERENCE_KERNELS),
         "has_kernel": {f"{op}/{b}": evomask_ext.has_kernel(op, b)
-                       for op in ("linkage_tree", "hier_mask", "gmm_em") for b in ("CPU", "CUDA")},
+                       for op in ("linkage_tree", "hier_mask", "gmm_em", "vmf_kmeans") for b in ("CPU", "CUDA")},
         "schemas": {op: str(getattr(torch.ops.evomask, op).default._schema)
-                    for op in ("linkage_tree", "hier_mask", "gmm_em")},
+                    for op in ("linkage_tree", "hier_mask", "gmm_em", "vmf_kmeans")},
         "file": evomask_ext.__file__,
     }))
     """
@@ -210,6 +210,7 @@ def opcheck_cases(gen):
             (sim.half(), torch.rand(3, 11, generator=gen, dtype=torch.float64), 0.9, 1.0),
         ],
         "gmm_em": [(x, x[:, :3].clone(), 3, 1e-6), (x, x[:, :1].clone(), 0, 1e-3)],
+        "vmf_kmeans": [(x, x[:, :3].clone(), 3, 40.0), (x, x[:, :1].clone(), 0, 1.0)],
     }
 
 

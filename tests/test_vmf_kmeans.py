@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 import evomask_ext
-from evomask_ext import vmf
 from evomask_ext.vmf import reference_vmf_kmeans, released_parts
 
 from conftest import HAS_CUDA
@@ -28,9 +27,7 @@ CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a
 BACKENDS = ["cpu", pytest.param("cuda", marks=CUDA_MARKS), "reference"]
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA_MARKS)]
 
-CPU_COMPILED = torch._C._dispatch_has_kernel_for_dispatch_key("evomask::vmf_kmeans", "CPU") and (
-    "vmf_kmeans/CPU" not in vmf.REFERENCE_KERNELS
-)
+CPU_COMPILED = evomask_ext.kernel_sources()["vmf_kmeans"]["CPU"] == "compiled"
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +201,7 @@ def test_degenerate_inputs(backend, case, kappa, gen):
 def test_zero_points_give_uniform_resp_and_zero_means(gen):
     """x = 0: every score is 0, so resp is uniform, and every M-step mean is 0 / (1e-6 + 0) = 0,
     as in the released code."""
-    resp, means = vmf.vmf_kmeans(torch.zeros(1, 6, 4), torch.randn(1, 3, 4, generator=gen), num_iters=2)
+    resp, means = evomask_ext.vmf_kmeans(torch.zeros(1, 6, 4), torch.randn(1, 3, 4, generator=gen), num_iters=2)
     torch.testing.assert_close(resp, torch.full((1, 6, 3), 1 / 3))
     assert torch.equal(means, torch.zeros(1, 3, 4))
 
@@ -214,20 +211,17 @@ def test_zero_points_give_uniform_resp_and_zero_means(gen):
 # --------------------------------------------------------------------------------------------
 
 
-def test_schema_is_the_declared_one():
-    """The registered schema equals evomask_ext.vmf.SCHEMA (what ops.cpp declares), pt2-compliant."""
-    op = torch.ops.evomask.vmf_kmeans.default
-    assert str(op._schema).removeprefix("evomask::") == vmf.SCHEMA
-    assert torch.Tag.pt2_compliant_tag in op.tags
-
-
-def test_compiled_cpu_kernel_is_registered():
-    """Wherever the compiled library is loaded, the CPU kernel is the compiled one."""
-    if not evomask_ext.COMPILED:
-        pytest.skip("the compiled library is not loaded")
-    if not CPU_COMPILED:
-        pytest.xfail("the loaded library predates vmf_kmeans (the reference runs)")
-    assert "vmf_kmeans/CPU" not in vmf.REFERENCE_KERNELS
+def test_refuses_inputs_that_require_grad(gen):
+    """No gradient flows through the fit: an input that requires grad is refused by name (as for
+    gmm_em), and under no_grad the outputs do not require grad."""
+    x = torch.rand(1, 6, 4, generator=gen)
+    init = torch.randn(1, 2, 4, generator=gen)
+    with pytest.raises(RuntimeError, match=r"^evomask\.vmf_kmeans is not differentiable: x requires grad"):
+        evomask_ext.vmf_kmeans(x.requires_grad_(), init)
+    with pytest.raises(RuntimeError, match=r"init_means requires grad"):
+        torch.ops.evomask.vmf_kmeans(x.detach(), init.requires_grad_(), 3, 40.0)
+    with torch.no_grad():
+        assert not any(t.requires_grad for t in evomask_ext.vmf_kmeans(x, init))
 
 
 @pytest.mark.parametrize("device", DEVICES)
