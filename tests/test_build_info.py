@@ -118,7 +118,11 @@ def test_library_built_for_another_torch_warns_once_and_runs_the_reference(tmp_p
     )
     env = child_env(EVOMASK_LIBRARY=str(copy))
     env.pop("EVOMASK_REQUIRE_COMPILED", None)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    # In tmp_path: `python -c` puts the working folder first on sys.path, and from the repository
+    # root that would import the source tree instead of the evomask_ext under test.
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(result["warnings"]) == 1, result["warnings"]

@@ -22,8 +22,13 @@ from evomask_train import cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(entry: str, blocked: list[str], args: list[str], prelude: str = "") -> subprocess.CompletedProcess:
-    """Runs ``evomask_train.cli.<entry>`` in a child Python with ``blocked`` modules missing."""
+def run_script(
+    cwd: Path, entry: str, blocked: list[str], args: list[str], prelude: str = ""
+) -> subprocess.CompletedProcess:
+    """Runs ``evomask_train.cli.<entry>`` in a child Python with ``blocked`` modules missing.
+
+    The child runs in ``cwd`` (a temporary folder): ``python -c`` puts the working folder first on
+    sys.path, and from the repository root that would import the unbuilt source tree."""
     code = textwrap.dedent(
         f"""
         import sys
@@ -38,7 +43,9 @@ def run_script(entry: str, blocked: list[str], args: list[str], prelude: str = "
     env = dict(os.environ)
     package_parent = str(Path(evomask_train.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_one_line_stop(done: subprocess.CompletedProcess, missing: str) -> None:
@@ -50,23 +57,23 @@ def assert_one_line_stop(done: subprocess.CompletedProcess, missing: str) -> Non
     assert 'pip install "evomask[train]"' in lines[0]
 
 
-def test_pretrain_without_timm_says_which_extra():
-    assert_one_line_stop(run_script("pretrain", ["timm"], ["--epochs", "1"]), "timm")
+def test_pretrain_without_timm_says_which_extra(tmp_path):
+    assert_one_line_stop(run_script(tmp_path, "pretrain", ["timm"], ["--epochs", "1"]), "timm")
 
 
-def test_demo_without_matplotlib_says_which_extra():
-    assert_one_line_stop(run_script("demo", ["matplotlib"], []), "matplotlib")
+def test_demo_without_matplotlib_says_which_extra(tmp_path):
+    assert_one_line_stop(run_script(tmp_path, "demo", ["matplotlib"], []), "matplotlib")
 
 
-def test_pretrain_names_every_missing_package():
-    done = run_script("pretrain", ["timm", "torchvision"], [])
+def test_pretrain_names_every_missing_package(tmp_path):
+    done = run_script(tmp_path, "pretrain", ["timm", "torchvision"], [])
     assert_one_line_stop(done, "timm")
     assert "torchvision" in done.stderr
 
 
-def test_a_missing_package_the_list_does_not_name_stops_the_same_way():
+def test_a_missing_package_the_list_does_not_name_stops_the_same_way(tmp_path):
     # The trainer's own import of timm fails, after the up-front check has been emptied.
-    done = run_script("pretrain", ["timm"], [], prelude="cli.PRETRAIN_MODULES = ()")
+    done = run_script(tmp_path, "pretrain", ["timm"], [], prelude="cli.PRETRAIN_MODULES = ()")
     assert_one_line_stop(done, "timm")
 
 
