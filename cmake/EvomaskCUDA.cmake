@@ -69,8 +69,9 @@ macro(_evomask_cuda_toolkit_workarounds)
   # Torch ignores CMAKE_CUDA_ARCHITECTURES and reads TORCH_CUDA_ARCH_LIST (dotted: "9.0", "8.0;9.0+PTX";
   # "90" is an error). With no GPU to probe it starts at sm_50, which nvcc 13 rejects. Default:
   # 8.0 (A100) and 9.0 (H100/H200) as machine code, plus 9.0 PTX that the driver compiles for
-  # anything newer. Each architecture costs a full compile of every .cu file: CI, which has no GPU
-  # and only proves that the kernels compile and link, builds one.
+  # anything newer. Each target adds its device code generation to every .cu file (the host pass
+  # over torch's headers is shared): one architecture compiles a fifth to a third faster. CI, which
+  # has no GPU and only proves that the kernels compile and link, builds one.
   if(NOT DEFINED TORCH_CUDA_ARCH_LIST AND NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST})
     set(TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX")
   endif()
