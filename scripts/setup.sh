@@ -2,7 +2,9 @@
 # Creates .venv (if missing), installs torch and the project's dependencies, and builds and installs
 # evomask from this checkout. Idempotent: rerun it after changing C++/CUDA or Python sources.
 #   PYTHON=python3.11 bash scripts/setup.sh     # choose the interpreter
-#   EVOMASK_CUDA=OFF bash scripts/setup.sh      # force a CPU-only build (AUTO / ON / OFF)
+#   EVOMASK_CUDA=OFF bash scripts/setup.sh      # force a CPU-only build (AUTO / ON / OFF); saves most
+#                                               # of the build on a machine with nvcc but no GPU
+#   TORCH_CUDA_ARCH_LIST=9.0 bash scripts/setup.sh   # only your GPU's architecture (default 8.0;9.0+PTX)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
