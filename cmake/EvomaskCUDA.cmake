@@ -8,7 +8,7 @@
 # 2. The kernels (evomask_check_cuda_kernels, after find_package(Torch)). nvcc must be able to
 #    compile torch's CUDA headers together with the CUDA headers torch was built with. pip's torch
 #    brings those as nvidia-* wheels, which may be a newer CUDA than the local nvcc (torch 2.15 is
-#    built with CUDA 13.2 and pulls 13.2+ headers; the toolkit here is 13.0). A tiny .cu file
+#    built with CUDA 13.2 and pulls 13.2+ headers, which met a 13.0 toolkit on our CI machines). A tiny .cu file
 #    including ATen/cuda/CUDAContext.h is compiled at configure time with exactly the include
 #    folders the kernels get; if that fails, AUTO builds the CPU kernels only, with one warning,
 #    and ON stops.
@@ -35,7 +35,7 @@ macro(evomask_find_cuda_toolkit)
 endmacro()
 
 macro(_evomask_cuda_toolkit_workarounds)
-  # nvcc may be a wrapper script outside the toolkit (/usr/local/bin/nvcc here). Torch's bundled
+  # nvcc may be a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc). Torch's bundled
   # FindCUDA then guesses the toolkit root from the script's folder (/usr/local) and fails with
   # "missing: CUDA_INCLUDE_DIRS CUDA_CUDART_LIBRARY"; the CUDA language knows the real root.
   set(CUDA_TOOLKIT_ROOT_DIR "${CMAKE_CUDA_COMPILER_TOOLKIT_ROOT}" CACHE PATH
