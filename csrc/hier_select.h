@@ -21,12 +21,15 @@ C10_HOST_DEVICE inline int64_t mask_depth(int64_t tree_height, double progress) 
   return h < tree_height ? h : tree_height;
 }
 
-// Order of groups: larger key first, then smaller first leaf (keys may tie; leaves never do).
+// Order of groups: larger key first; equal keys, larger first leaf first (leaves never tie).
+// That is MAE's tie rule: random_masking keeps the first int(N (1 - r)) patches of a stable
+// ascending argsort of the noise, so among equal noise the smaller index is kept and the larger
+// masked; at progress 0 (single-leaf groups) the masks are MAE's, ties included.
 C10_HOST_DEVICE inline bool group_before(const int64_t* first_leaf, const float* noise, int64_t a,
                                          int64_t b) {
   const float ka = noise[first_leaf[a]];
   const float kb = noise[first_leaf[b]];
-  return ka > kb || (ka == kb && first_leaf[a] < first_leaf[b]);
+  return ka > kb || (ka == kb && first_leaf[a] > first_leaf[b]);
 }
 
 C10_HOST_DEVICE inline void sift_down(int64_t* heap, int64_t start, int64_t end, const int64_t* first_leaf,

@@ -8,7 +8,8 @@ mixture (Eq. 10-16), then every patch gets the score (Eq. 5, 6, 17, 18)
 
 where ``delta_grid`` is a random 2x2 table indexed by the patch's row/column parity (the grid
 pattern, :func:`evomask_ext.masking.grid_scores`) and ``delta_part`` a random value per part, and
-the ``masked_count(N, r)`` patches with the highest scores are masked (ties by noise). Early in
+the ``masked_count(N, r)`` patches with the highest scores are masked (equal scores: the higher
+noise first; equal noise too: the larger index, MAE's rule, :func:`evomask_ext.masking.top_k_mask`). Early in
 training the mask is a grid; late, whole parts are masked, most of them at once.
 """
 

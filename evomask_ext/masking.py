@@ -85,9 +85,10 @@ def _generator_device(generator: torch.Generator | None, device: torch.device) -
 def top_k_mask(scores: torch.Tensor, num_mask: int, tie_noise: torch.Tensor) -> torch.Tensor:
     """Mask the ``num_mask`` highest ``scores`` of each row; ties go to the higher ``tie_noise``.
 
-    The order is lexicographic on ``(score, tie_noise)``, both descending: a stable sort by
-    ``tie_noise`` followed by a stable sort by ``score``. Exact ties in both keys go to the
-    smaller patch index. Used by the ``grid`` (EPM Eq. 17) and ``attn`` (AttMask) strategies.
+    The order is lexicographic on ``(score, tie_noise)``, both descending. Exact ties in both keys
+    mask the larger patch index first, MAE's tie rule (a stable ascending sort keeps the smaller
+    index), as ``hier_mask`` and :func:`random_mask` do. Used by the ``grid`` (EPM Eq. 17),
+    ``attn`` (AttMask), ``epm`` and ``selective`` strategies.
 
     Args:
         scores: ``[B, N]`` real scores (no NaN).
@@ -114,11 +115,13 @@ def top_k_mask(scores: torch.Tensor, num_mask: int, tie_noise: torch.Tensor) -> 
     num_mask = _require_int(num_mask, "num_mask", minimum=0, maximum=n, hint=" (at most N)")
     _require_finite(scores, "scores", allow_inf=True)  # -inf: "never score" (selective masking)
     _require_finite(tie_noise, "tie_noise")
-    by_noise = torch.argsort(tie_noise, dim=1, descending=True, stable=True)
-    by_score = torch.argsort(scores.gather(1, by_noise), dim=1, descending=True, stable=True)
+    # Ascending and stable on (score, tie_noise, index): the last num_mask are masked, so among
+    # exact ties the larger index goes first.
+    by_noise = torch.argsort(tie_noise, dim=1, stable=True)
+    by_score = torch.argsort(scores.gather(1, by_noise), dim=1, stable=True)
     ranked = by_noise.gather(1, by_score)
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    return mask.scatter_(1, ranked[:, : int(num_mask)], True)
+    return mask.scatter_(1, ranked[:, n - int(num_mask) :], True)
 
 
 def random_mask(
@@ -134,8 +137,9 @@ def random_mask(
 
     Per-patch uniform noise ``u_i`` (from ``draw_noise``); MAE keeps the ``int(N * (1 - r))``
     patches with the smallest noise, i.e. the ``masked_count(N, r)`` patches with the LARGEST noise
-    are masked. Ties (rare in float noise) mask the smaller index first, the tie rule of
-    ``hier_mask``, so this equals ``hier_mask(attn, r, progress=0, noise=noise)`` for any ``attn``.
+    are masked. Ties keep the smaller index, as MAE's stable ascending argsort does (so the larger
+    index is masked), the tie rule of ``hier_mask``: this equals
+    ``hier_mask(attn, r, progress=0, noise=noise)`` for any ``attn``, ties included.
 
     Args:
         batch_size: B >= 0.
@@ -163,9 +167,10 @@ def random_mask(
         _require_floating(noise, "noise")
         _require_finite(noise, "noise")
         noise = _move_to(noise, "noise", device)
-    order = torch.argsort(noise, dim=1, descending=True, stable=True)
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)  # MAE: keep the first int(N (1 - r))
+    keep = num_patches - masked_count(num_patches, mask_ratio)
     mask = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=device)
-    return mask.scatter_(1, order[:, : masked_count(num_patches, mask_ratio)], True)
+    return mask.scatter_(1, ids_shuffle[:, keep:], True)
 
 
 def grid_scores(

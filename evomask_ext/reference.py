@@ -177,8 +177,9 @@ def hier_mask(attn: torch.Tensor, noise: torch.Tensor, mask_ratio: float, progre
     the nearest usable ratio), as in the kernels.
 
     Groups are the maximal subtrees of level <= h, h = min(l, 1 + floor(l * progress)). They are
-    taken in decreasing order of their key (``noise`` at their smallest leaf; ties to the smaller
-    leaf) and masked whole; the last one is cut in left-to-right leaf order.
+    taken in decreasing order of their key (``noise`` at their smallest leaf; equal keys: the
+    larger smallest leaf first, MAE's tie rule, as a stable ascending argsort keeps the smaller
+    index) and masked whole; the last one is cut in left-to-right leaf order.
     """
     s = _similarity_as_float(attn, "attn")
     _check(0.0 < mask_ratio < 1.0, f"mask_ratio must be in the open interval (0, 1), got {mask_ratio}")
@@ -206,7 +207,7 @@ def hier_mask(attn: torch.Tensor, noise: torch.Tensor, mask_ratio: float, progre
         kids, lvls, key = children[img].tolist(), levels[img].tolist(), keys[img].tolist()
         groups = _depth_groups(kids, lvls, n, mask_depth(lvls[-1], progress))
         ordered = [_leaves_left_to_right(kids, n, g) for g in groups]
-        ordered.sort(key=lambda leaves: (-key[min(leaves)], min(leaves)))
+        ordered.sort(key=lambda leaves: (-key[min(leaves)], -min(leaves)))
         chosen = [leaf for leaves in ordered for leaf in leaves][:num_mask]
         mask[img, chosen] = True
     return mask.to(attn.device)

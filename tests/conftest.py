@@ -227,9 +227,10 @@ def mask_depth(children, n: int, progress: float) -> int:
 def expected_hier_mask(children, noise, mask_ratio: float, progress: float) -> np.ndarray:
     """The EHM selection rule of DESIGN.md for one image, written from the contract.
 
-    Groups are ordered by decreasing key (noise at the smallest leaf; ties: smaller smallest
-    leaf first); their leaves, each group in the root's left-to-right order, are concatenated and
-    the first ``masked_count`` are masked."""
+    Groups are ordered by decreasing key (noise at the smallest leaf; ties: larger smallest leaf
+    first, MAE's rule: its stable ascending argsort keeps the smaller index); their leaves, each
+    group in the root's left-to-right order, are concatenated and the first ``masked_count`` are
+    masked."""
     noise = np.asarray(noise, dtype=np.float32)
     n = noise.shape[0]
     group = depth_groups(children, n, mask_depth(children, n, progress))
@@ -237,7 +238,7 @@ def expected_hier_mask(children, noise, mask_ratio: float, progress: float) -> n
     members: dict[int, list[int]] = {}
     for leaf in order:  # each group's leaves keep the root's left-to-right order
         members.setdefault(group[leaf], []).append(leaf)
-    ranked = sorted(members.values(), key=lambda leaves: (-float(noise[min(leaves)]), min(leaves)))
+    ranked = sorted(members.values(), key=lambda leaves: (-float(noise[min(leaves)]), -min(leaves)))
     chosen = [leaf for leaves in ranked for leaf in leaves][: masked_count(n, mask_ratio)]
     mask = np.zeros(n, dtype=bool)
     mask[chosen] = True
@@ -246,10 +247,12 @@ def expected_hier_mask(children, noise, mask_ratio: float, progress: float) -> n
 
 def mae_random_masking(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
     """MAE's ``random_masking`` mask (facebookresearch/mae): sort noise ascending, keep the first
-    ``int(L * (1 - mask_ratio))``, mask the rest. Returns bool [B, L], True = masked."""
+    ``int(L * (1 - mask_ratio))``, mask the rest. Returns bool [B, L], True = masked. The sort is
+    stable, so tied noise keeps the smaller index (MAE's own ``argsort`` promises no order among
+    ties; the stable one is the rule the ops follow)."""
     batch, length = noise.shape
     len_keep = int(length * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     mask = torch.ones(batch, length)
     mask[:, :len_keep] = 0

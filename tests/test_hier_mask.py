@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import evomask_ext
 from evomask_ext import reference
+from evomask_ext.masking import random_mask
 
 from conftest import (
     DEVICES,
@@ -112,14 +113,31 @@ def test_progress_zero_is_mae_random_masking(device, n, ratio, gen):
         assert torch.equal(got.cpu(), mae_random_masking(noise, ratio))
 
 
-def test_progress_zero_ties_go_to_smaller_index(gen):
-    """With equal noise everywhere the groups (single leaves) tie; smaller leaf first, so at
-    progress 0 the first masked_count patches are masked."""
+def test_progress_zero_ties_go_to_the_larger_index(gen):
+    """With equal noise everywhere the groups (single leaves) tie; MAE's stable argsort keeps the
+    first int(N (1 - r)) patches, so the last masked_count patches are masked."""
     attn = iid_similarity(3, 20, gen)
     noise = torch.full((3, 20), 0.5)
     mask = op_mask(attn, noise, 0.6, 0.0)
-    want = torch.arange(20) < masked_count(20, 0.6)
+    want = torch.arange(20) >= 20 - masked_count(20, 0.6)
     assert torch.equal(mask, want.expand(3, 20))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ratio", [0.25, 0.6, 0.75])
+def test_progress_zero_is_mae_random_masking_with_tied_noise(dtype, ratio, gen):
+    """Coarse noise (bf16/fp16: many equal values among 196 patches) at progress 0: exactly MAE's
+    random_masking (stable ascending argsort, keep the first int(N (1 - r))), on the op, the
+    reference, the wrapper and the random strategy's mask from the same noise."""
+    n = 196
+    attn = block_similarity(4, n, gen)
+    noise = torch.rand(4, n, generator=gen).to(dtype)
+    assert all(row.unique().numel() < n for row in noise.float())  # ties in every row
+    want = mae_random_masking(noise.float(), ratio)
+    assert torch.equal(op_mask(attn, noise, ratio, 0.0), want)
+    assert torch.equal(evomask_ext.hier_mask(attn, ratio, 0.0, noise=noise), want)
+    assert torch.equal(reference.hier_mask(attn, noise, ratio, 0.0), want)
+    assert torch.equal(random_mask(4, n, ratio, "cpu", noise=noise.float()), want)
 
 
 # --------------------------------------------------------------------------------------------

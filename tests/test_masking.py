@@ -172,6 +172,19 @@ def test_random_equals_mae_rule(ratio, n):
     assert torch.equal(build_strategy("random", ratio)(ctx, 0.0), expected)
 
 
+@pytest.mark.parametrize("ratio", (0.25, 0.75))
+def test_random_ties_follow_mae(ratio):
+    """Tied noise: MAE keeps the smaller index of a tie (stable ascending argsort), so the larger
+    one is masked; the conftest oracle is MAE's code with a stable sort."""
+    noise = torch.randint(0, 4, (32, 49), generator=gen(6)).float() / 4  # heavy ties
+    mask = random_mask(32, 49, ratio, "cpu", noise=noise)
+    assert torch.equal(mask, mae_random_masking(noise, ratio))
+    keep = 49 - expected_count(49, ratio)
+    for row in range(32):
+        kept = sorted(range(49), key=lambda i: (noise[row, i].item(), i))[:keep]
+        assert set(torch.nonzero(~mask[row]).flatten().tolist()) == set(kept)
+
+
 def test_random_is_uniform_over_positions():
     # Every patch is masked with probability ~ masked_count / N.
     n, ratio, batch = 49, 0.5, 4000
@@ -372,7 +385,8 @@ def test_top_k_mask_is_lexicographic():
     for k in (0, 1, 7, 29, 30):
         mask = top_k_mask(scores, k, tie_noise)
         for row in range(batch):
-            order = sorted(range(n), key=lambda i: (-scores[row, i].item(), -tie_noise[row, i].item(), i))
+            # MAE's tie rule: among exact ties the larger index is masked first.
+            order = sorted(range(n), key=lambda i: (-scores[row, i].item(), -tie_noise[row, i].item(), -i))
             assert set(torch.nonzero(mask[row]).flatten().tolist()) == set(order[:k])
 
 
