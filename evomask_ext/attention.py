@@ -85,8 +85,8 @@ def _attention_module(block: Any, name: str) -> nn.Module:
 class _Recorder:
     """Records the softmax probabilities of chosen blocks during one forward pass.
 
-    ``reduce="heads"`` keeps each read block's head average in float32 ([B, T, T], summed over
-    ``patch`` blocks); ``reduce="none"`` keeps the full [B, heads, T, T] probabilities.
+    ``reduce="heads"`` keeps each read block's head average in float32 ([B, T, T]) and its head
+    count in ``heads``; ``reduce="none"`` keeps the full [B, heads, T, T] probabilities.
     """
 
     def __init__(self, modules: dict[int, nn.Module], names: dict[int, str], *, reduce: str = "heads"):
@@ -96,12 +96,14 @@ class _Recorder:
         self.last = max(modules) if modules else -1
         self.probs: dict[int, torch.Tensor] = {}
         self.calls: dict[int, int] = {i: 0 for i in modules}
+        self.heads: dict[int, int] = {}
 
     def _hook(self, index: int):
         def record(module: nn.Module, args: tuple) -> None:
             self.calls[index] += 1
             probs = args[0] if args else None
             self._check(index, probs)
+            self.heads[index] = probs.shape[1]
             if self.reduce == "heads":
                 probs = probs.mean(dim=1, dtype=torch.float32)
             else:
@@ -253,8 +255,17 @@ def _check_tokens(tokens: Any, name: str, module: nn.Module, *, min_tokens: int 
         _require_same_device(tokens, name, device, "the model's parameters")
 
 
+_REDUCTIONS = ("mean", "sum")
+
+
+def _require_reduce(reduce: Any) -> str:
+    if not isinstance(reduce, str) or reduce not in _REDUCTIONS:
+        raise ValueError(f"reduce must be one of {', '.join(map(repr, _REDUCTIONS))}, got {reduce!r}")
+    return reduce
+
+
 def _read_blocks(
-    blocks: Sequence[nn.Module], patch_layers: int, cls_index: int | None
+    blocks: Sequence[nn.Module], patch_layers: int, cls_index: int | None, reduce: str = "mean"
 ) -> tuple[_Recorder, list[int]]:
     """The recorder for the first ``patch_layers`` blocks (and block ``cls_index``)."""
     read = sorted(set(range(patch_layers)) | ({cls_index} if cls_index is not None else set()))
@@ -263,13 +274,19 @@ def _read_blocks(
     return _Recorder(modules, names), read
 
 
-def _maps_from(recorder: _Recorder, patch_layers: int, cls_index: int | None, prefix: int) -> AttentionMaps:
+def _maps_from(
+    recorder: _Recorder, patch_layers: int, cls_index: int | None, prefix: int, reduce: str = "mean"
+) -> AttentionMaps:
     patch_probs = [recorder.result(i) for i in range(patch_layers)]
     cls_probs = recorder.result(cls_index) if cls_index is not None else None
     recorder.check_softmax(patch_probs + ([cls_probs] if cls_probs is not None else []))
     patch = None
     if patch_probs:
-        patch = torch.stack(patch_probs).sum(dim=0)[:, prefix:, prefix:] / patch_layers
+        if reduce == "sum":  # head means back to head sums
+            patch_probs = [p * recorder.heads[i] for i, p in enumerate(patch_probs)]
+        patch = torch.stack(patch_probs).sum(dim=0)[:, prefix:, prefix:]
+        if reduce == "mean":
+            patch = patch / patch_layers
     cls = cls_probs[:, 0, prefix:] if cls_probs is not None else None
     return AttentionMaps(patch=patch, cls=cls)
 
@@ -281,6 +298,7 @@ def attention_maps(
     patch_layers: int = 0,
     cls_from_last: bool = False,
     num_prefix_tokens: int = 1,
+    reduce: str = "mean",
 ) -> AttentionMaps:
     """Runs ``blocks`` on ``tokens`` ([B, P + N, D], P prefix tokens, CLS first) without gradients.
 
@@ -292,6 +310,8 @@ def attention_maps(
         cls_from_last: also run every block and return the last block's CLS-to-patch attention,
             heads averaged -> ``cls`` [B, N] (AttnMask's score).
         num_prefix_tokens: P, the CLS (and register) tokens in front of the patches.
+        reduce: ``"mean"`` averages heads and layers (EHM's and EPM's papers); ``"sum"`` sums them,
+            as the EPM authors' released code does with all blocks of its EMA encoder.
 
     The probabilities are those the blocks compute (read by a hook, fused attention off for the
     blocks read). Blocks that take positions from their model (RoPE, shared relative positions:
@@ -318,10 +338,11 @@ def attention_maps(
                                 hint=" (at most the number of blocks)")
     num_prefix_tokens = _require_int(num_prefix_tokens, "num_prefix_tokens", minimum=0)
     cls_from_last = _require_bool(cls_from_last, "cls_from_last")
+    reduce = _require_reduce(reduce)
     if cls_from_last and num_prefix_tokens < 1:
         raise ValueError("cls_from_last needs a CLS token (num_prefix_tokens >= 1)")
     cls_index = len(blocks) - 1 if cls_from_last else None
-    recorder, read = _read_blocks(blocks, patch_layers, cls_index)
+    recorder, read = _read_blocks(blocks, patch_layers, cls_index, reduce)
     last = read[-1] if read else -1
     for i in range(last + 1):
         if not callable(blocks[i]):
@@ -335,7 +356,7 @@ def attention_maps(
         x = tokens
         for block in run:
             x = block(x)
-    return _maps_from(recorder, patch_layers, cls_index, num_prefix_tokens)
+    return _maps_from(recorder, patch_layers, cls_index, num_prefix_tokens, reduce)
 
 
 def _model_layout(model: Any) -> str:
@@ -399,7 +420,9 @@ def _mae_tokens(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attention_similarity(model: nn.Module, images: torch.Tensor, layers: int | None = None) -> torch.Tensor:
+def attention_similarity(
+    model: nn.Module, images: torch.Tensor, layers: int | None = None, reduce: str = "mean"
+) -> torch.Tensor:
     """Head- and layer-averaged patch attention ``[B, N, N]`` of a ViT's first ``layers`` blocks
     (CLS and register tokens dropped): the similarity EHM/EPM mask from (EHM Sec. V-E).
 
@@ -419,7 +442,8 @@ def attention_similarity(model: nn.Module, images: torch.Tensor, layers: int | N
     and the reason. The pass runs in eval mode (no dropout or drop path; modes restored after),
     without gradients, with fused attention off only in the blocks read, and stops right after
     the last softmax needed: about ``layers / depth`` of an encoder forward. ``layers`` defaults
-    to half the depth.
+    to half the depth. ``reduce="sum"`` sums heads and layers instead of averaging them (the EPM
+    authors' released code).
     """
     layout = _model_layout(model)
     blocks = model.blocks
@@ -430,7 +454,8 @@ def attention_similarity(model: nn.Module, images: torch.Tensor, layers: int | N
     _check_images(model, images)
     layers = depth // 2 if layers is None else layers
     layers = _require_int(layers, "layers", minimum=1, maximum=depth)
-    recorder, _ = _read_blocks(list(blocks), layers, None)
+    reduce = _require_reduce(reduce)
+    recorder, _ = _read_blocks(list(blocks), layers, None, reduce)
     with _eval_mode(model):
         if layout == "timm":
             prefix = int(model.num_prefix_tokens)
@@ -449,4 +474,4 @@ def attention_similarity(model: nn.Module, images: torch.Tensor, layers: int | N
                 f"{type(model).__name__}'s forward did not run model.blocks[{i}]'s attention: its blocks are "
                 "not run in order by forward_features, so this model is not supported"
             )
-    return _maps_from(recorder, layers, None, prefix).patch
+    return _maps_from(recorder, layers, None, prefix, reduce).patch

@@ -253,3 +253,17 @@ def test_train_mode_model_is_read_without_dropout_and_left_in_train_mode(gen):
     assert torch.equal(first, second)
     assert [m.training for m in model.modules()] == modes
     torch.testing.assert_close(first, unfused_forward_oracle(model, images, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_sum_reduction_is_heads_times_layers_times_the_mean(gen):
+    """reduce="sum" (the EPM release: heads and all blocks summed) is the mean scaled by H x L."""
+    model = create("vit_tiny_patch16_224", img_size=32, patch_size=8)
+    images = torch.rand(2, 3, 32, 32, generator=gen)
+    mean = attention_similarity(model, images, layers=4)
+    summed = attention_similarity(model, images, layers=4, reduce="sum")
+    torch.testing.assert_close(summed, mean * 4 * 4, rtol=1e-5, atol=1e-6)  # 4 heads, 4 layers
+    tokens = torch.randn(2, 17, 64, generator=gen)
+    maps = attention_maps(model.blocks, tokens, patch_layers=4, reduce="sum")
+    torch.testing.assert_close(maps.patch, attention_maps(model.blocks, tokens, patch_layers=4).patch * 16)
+    with pytest.raises(ValueError, match=r"reduce must be one of 'mean', 'sum', got 'max'"):
+        attention_similarity(model, images, reduce="max")
