@@ -56,8 +56,10 @@ def _require_real(
     if not _is_real_number(value):
         raise ArgumentTypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
     value = float(value)
-    ok = not math.isnan(value)  # NaN is in no range
-    ok = ok and (not finite or math.isfinite(value))
+    # Comparisons rather than math.isnan / math.isfinite: under torch.compile with dynamic shapes a
+    # float argument may arrive as a SymFloat, which those cannot take but comparisons can.
+    ok = value == value  # NaN is in no range
+    ok = ok and (not finite or -math.inf < value < math.inf)
     ok = ok and (greater_than is None or value > greater_than)
     ok = ok and (at_least is None or value >= at_least)
     if not ok:
@@ -192,8 +194,12 @@ def _require_floating(tensor: torch.Tensor, name: str) -> None:
 
 def _require_finite(tensor: torch.Tensor, name: str, *, allow_inf: bool = False) -> None:
     """No NaN (and no Inf unless ``allow_inf``) in ``tensor``. Meta tensors hold no values and pass:
-    they only trace shapes."""
+    they only trace shapes; so does anything under torch.compile's tracing."""
     if tensor.device.type == "meta" or tensor.numel() == 0:
+        return
+    if torch.compiler.is_compiling():
+        # Values are unknown while tracing (a data-dependent branch breaks fullgraph=True); the
+        # ops' own run-time checks still refuse NaN/Inf in what reaches them.
         return
     if allow_inf:
         if bool(torch.isnan(tensor).any()):

@@ -34,6 +34,7 @@ from .ops import (
     _require_tensor,
     _require_unit_interval,
     _require_usable_ratio,
+    _rand,
     draw_noise,
     gmm_em,
 )
@@ -67,7 +68,9 @@ def _check_attn(attn: Any, *, min_patches: int) -> None:
 
 
 def _square_grid(n: int) -> tuple[int, int]:
-    side = math.isqrt(n)
+    # round(sqrt) rather than math.isqrt, which torch.compile cannot trace on a symbolic N; exact
+    # for any N a tensor can have (the check below catches a non-square N either way).
+    side = round(n**0.5)
     if side * side != n:
         raise ValueError(f"attn has N = {n} patches, not a square grid; pass grid=(H, W) with H * W = N")
     return side, side
@@ -197,8 +200,7 @@ def part_mask(
     k = min(num_parts, n)
     noise = draw_noise(batch, n, device, generator)
     grid_term = grid_scores(batch, (h, w), generator, device)
-    gen_device = generator.device if generator is not None else device
-    part_table = torch.rand(batch, k, generator=generator, device=gen_device).to(device)
+    part_table = _rand((batch, k), generator, device)
     if batch == 0:
         empty = torch.zeros(0, n, dtype=torch.bool, device=device)
         return PartMaskResult(empty, empty.long()) if return_parts else empty

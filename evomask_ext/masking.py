@@ -42,6 +42,7 @@ from .ops import (
     _require_tensor,
     _require_unit_interval,
     _require_usable_ratio,
+    _rand,
     draw_noise,
     hier_mask,
 )
@@ -194,8 +195,7 @@ def grid_scores(
     h, w = _grid(grid)
     device = _require_device(device)
     _require_generator(generator)
-    table = torch.rand(batch_size, 2, 2, generator=generator, device=_generator_device(generator, device))
-    table = table.to(device)
+    table = _rand((batch_size, 2, 2), generator, device)
     rows = torch.arange(h, device=device).remainder(2)[:, None].expand(h, w).reshape(-1)
     cols = torch.arange(w, device=device).remainder(2)[None, :].expand(h, w).reshape(-1)
     return table[:, rows, cols]

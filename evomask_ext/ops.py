@@ -123,8 +123,16 @@ def draw_noise(
     num_patches = _require_int(num_patches, "num_patches", minimum=0)
     device = _require_device(device)
     generator = _require_generator(generator)
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(batch, num_patches, generator=generator, device=gen_device).to(device)
+    return _rand((batch, num_patches), generator, device)
+
+
+def _rand(size: tuple, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``torch.rand(size)`` drawn on ``generator``'s device (torch's global RNG on ``device`` when
+    None), moved to ``device``. With no generator the keyword is left out, not passed as None:
+    torch.compile cannot trace ``torch.rand(..., generator=None)`` with dynamic shapes."""
+    if generator is None:
+        return torch.rand(size, device=device)
+    return torch.rand(size, generator=generator, device=generator.device).to(device)
 
 
 def linkage_tree(attn: torch.Tensor) -> LinkageTree:

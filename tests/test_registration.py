@@ -259,3 +259,21 @@ def test_compile_dynamic_shapes(fresh_dynamo, gen):
     for batch, n in [(2, 16), (5, 16), (3, 23)]:
         attn, noise = block_similarity(batch, n, gen), torch.rand(batch, n, generator=gen)
         assert torch.equal(compiled(attn, noise), torch.ops.evomask.hier_mask(attn, noise, 0.75, 0.3))
+
+
+@pytest.mark.parametrize("wrapper", ["hier_mask", "part_mask"])
+def test_compile_dynamic_wrappers_drawing_their_own_noise(fresh_dynamo, wrapper, gen):
+    """torch.compile(fullgraph=True, dynamic=True) of the wrappers without explicit noise (they
+    draw it from torch's global RNG): several batch sizes, down to B = 1 and an empty batch, give
+    bool masks with MAE's exact count per row."""
+    from conftest import masked_count
+
+    if wrapper == "hier_mask":
+        fn = lambda a: evomask_ext.hier_mask(a, 0.75, 0.3)  # noqa: E731
+    else:
+        fn = lambda a: evomask_ext.part_mask(a, 0.75, 0.3, em_iters=2)  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    for batch in (3, 2, 1, 0):
+        mask = compiled(block_similarity(batch, 16, gen).softmax(-1))
+        assert mask.dtype == torch.bool and mask.shape == (batch, 16)
+        assert mask.sum(1).tolist() == [masked_count(16, 0.75)] * batch
