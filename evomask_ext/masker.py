@@ -26,7 +26,8 @@ class EvolvedMasker:
             ``block``, ``grid``, ``attn``, ``selective``).
         mask_ratio: fraction masked, in (0, 1); it must mask at least one and keep at least one of
             the N patches (checked here when ``grid`` is given, else at each call).
-        seed: seed of the generator.
+        seed: seed of the generator, an int in [-2**63, 2**64 - 1] (``torch.Generator.manual_seed``'s
+            range).
         grid: ``(H, W)`` patch grid; default square (inferred from N).
         **options: the strategy's own options (e.g. ``num_parts``, ``gamma`` for ``epm``).
 
@@ -42,7 +43,9 @@ class EvolvedMasker:
                  grid: tuple[int, int] | None = None, **options: Any) -> None:
         if not isinstance(strategy, str) or strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
-        seed = _require_int(seed, "seed")
+        # torch.Generator.manual_seed's own range; beyond it torch says only "Overflow when
+        # unpacking long long", naming nothing.
+        seed = _require_int(seed, "seed", minimum=-(2**63), maximum=2**64 - 1)
         self.name = strategy
         self.options = dict(options)
         self.strategy = build_strategy(strategy, mask_ratio, **options)

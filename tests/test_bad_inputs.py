@@ -716,6 +716,10 @@ table(lambda **kw: EvolvedMasker(**kw), lambda g: dict(strategy="ehm", mask_rati
     ("seed-str", dict(seed="0"), TE, r"^seed must be an int"),
     ("seed-float", dict(seed=1.5), TE, r"^seed must be an int"),
     ("seed-bool", dict(seed=True), TE, r"^seed must be an int"),
+    ("seed-2**70", dict(seed=2**70), VE,
+     r"^seed must be an int in \[-9223372036854775808, 18446744073709551615\], got 1180591620717411303424$"),
+    ("seed-2**64", dict(seed=2**64), VE, r"^seed must be an int in \[-9223372036854775808, 18446744073709551615\]"),
+    ("seed-below--2**63", dict(seed=-(2**63) - 1), VE, r"^seed must be an int in \[-9223372036854775808, "),
     ("mask_ratio-masks-none-of-grid", dict(mask_ratio=1e-17, grid=(4, 4)), VE, r"^mask_ratio = 1e-17 masks no patch of N = 16"),
     ("mask_ratio-keeps-none-of-grid", dict(mask_ratio=0.95, grid=(4, 4)), VE, r"^mask_ratio = 0\.95 keeps no patch of N = 16"),
     ("grid-str", dict(grid="44"), VE, r"^grid must be a pair"),
@@ -772,6 +776,14 @@ CASES.append(bad("EvolvedMasker.load_state_dict-state-None", lambda state: Evolv
                  lambda g: dict(state=None), TE, r"^state must be a dict"))
 CASES.append(bad("EvolvedMasker.load_state_dict-missing-keys", lambda state: EvolvedMasker("random").load_state_dict(state),
                  lambda g: dict(state={"strategy": "random"}), VE, r"^state is missing \['calls', 'generator'"))
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, -(2**63), 0])
+def test_masker_seed_range_ends_are_usable(seed):
+    """The ends of the seed range work, and seed the masker's generator as manual_seed does."""
+    masker = EvolvedMasker("random", 0.5, seed=seed)
+    want = masking.random_mask(2, N, 0.5, "cpu", torch.Generator().manual_seed(seed))
+    assert torch.equal(masker(batch_size=2, num_patches=N, step=0, total_steps=4), want)
 
 
 def test_case_ids_are_unique():
