@@ -4,7 +4,9 @@ Backends (each where it can run): ``cuda`` (compiled kernel), ``cuda-warp`` (the
 ``EVOMASK_CUDA_TREE=warp``: one warp per image), ``reference-cuda`` (the pure-PyTorch
 reference on the GPU), ``cpu`` (compiled kernel, all threads), ``cpu-1t`` (compiled kernel, one
 thread), ``reference-cpu``; anchors on the same inputs: scipy ``linkage``, ``fastcluster``,
-scikit-learn ``GaussianMixture`` and a plain Python-loop average linkage.
+scikit-learn ``GaussianMixture``, a plain Python-loop average linkage and, for ``vmf_kmeans`` (the
+EPM authors' released clustering, ``--ops vmf_kmeans``), the released EM as plain float32 PyTorch
+(``torch-loop-cpu`` / ``torch-loop-cuda``).
 
 Timing: warm-up, then the median of repeated runs (CUDA events on the GPU, ``perf_counter``
 otherwise). Backends too slow for a case run on a sub-batch and are scaled linearly to the full
@@ -14,6 +16,7 @@ exact up to noise. Prints a table, writes ``<out>.json`` and ``<out>.png`` (late
     python bench/bench_ops.py                      # full suite
     python bench/bench_ops.py --quick              # a small subset, for a smoke run
     python bench/bench_ops.py --ops gmm_em --batches 1 64 256 --sizes 196
+    python bench/bench_ops.py --ops vmf_kmeans --components 12 40   # N = D = 196, 15 rounds
 """
 
 from __future__ import annotations
@@ -305,6 +308,51 @@ def gmm_cases(n: int, k: int, iters: int, devices: list[str], seed: int, reg: fl
     return cases
 
 
+def vmf_inputs(batch: int, n: int, k: int, seed: int, device: str):
+    """The released EPM call: points are the attention's columns at the scale of a sum over 144
+    maps (ViT-B's 12 blocks x 12 heads), the N(0, 2 / K) start shared by the batch."""
+    x = (attention_like(batch, n, seed, "cpu") * 144).transpose(1, 2).contiguous()
+    start = torch.randn(k, n, generator=torch.Generator().manual_seed(seed + 1)) * math.sqrt(2.0 / k)
+    return x.to(device), start[None].expand(batch, k, n).contiguous().to(device)
+
+
+def torch_loop_vmf(x: torch.Tensor, init: torch.Tensor, iters: int, kappa: float = 40.0):
+    """The released EM as plain float32 PyTorch (bmm, softmax), for the op to be timed against."""
+    mu = init / (1e-6 + init.norm(dim=-1, keepdim=True))
+    for _ in range(iters):
+        z = torch.softmax(kappa * x @ mu.transpose(1, 2), dim=-1)
+        mu = z.transpose(1, 2) @ x / (1e-6 + z.sum(1))[..., None]
+        mu = mu / (1e-6 + mu.norm(dim=-1, keepdim=True))
+    return torch.softmax(kappa * x @ mu.transpose(1, 2), dim=-1), mu
+
+
+def vmf_cases(n: int, k: int, iters: int, devices: list[str], seed: int, kappa: float = 40.0) -> list[Case]:
+    cases = []
+    op = torch.ops.evomask.vmf_kmeans
+    for device in devices:
+        tag = "cuda" if device == "cuda" else "cpu"
+        if compiled("vmf_kmeans", tag.upper()):
+            make = lambda b, d=device: (lambda a=vmf_inputs(b, n, k, seed, d): op(a[0], a[1], iters, kappa))
+            cases.append(Case(tag, device, make))
+            if device == "cpu":
+                cases.append(Case("cpu-1t", device, make, threads=1))
+        cases.append(
+            Case(
+                f"reference-{tag}",
+                device,
+                lambda b, d=device: (lambda a=vmf_inputs(b, n, k, seed, d): reference.vmf_kmeans(a[0], a[1], iters, kappa)),
+            )
+        )
+        cases.append(
+            Case(
+                f"torch-loop-{tag}",
+                device,
+                lambda b, d=device: (lambda a=vmf_inputs(b, n, k, seed, d): torch_loop_vmf(a[0], a[1], iters, kappa)),
+            )
+        )
+    return cases
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -386,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", type=int, default=[64, 196, 576, 1024], help="N (patches)")
     parser.add_argument("--components", nargs="+", type=int, default=[10, 40], help="K for gmm_em")
     parser.add_argument("--iters", type=int, default=10, help="EM iterations for gmm_em")
-    parser.add_argument("--gmm-sizes", nargs="+", type=int, default=[196], help="N = D for gmm_em")
+    parser.add_argument("--gmm-sizes", nargs="+", type=int, default=[196], help="N = D for gmm_em and vmf_kmeans")
+    parser.add_argument("--vmf-iters", type=int, default=15, help="rounds for vmf_kmeans (--ops vmf_kmeans; K from --components)")
     parser.add_argument("--devices", nargs="+", default=None, help="cpu and/or cuda (default: all available)")
     parser.add_argument("--backends", nargs="+", default=None, help="only these backends")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds one timed call may take before sub-batching")
@@ -418,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
             configs += [
                 (op, n, k, gmm_cases(n, k, args.iters, devices, args.seed)) for n in args.gmm_sizes for k in args.components
             ]
+        elif op == "vmf_kmeans":
+            configs += [
+                (op, n, k, vmf_cases(n, k, args.vmf_iters, devices, args.seed)) for n in args.gmm_sizes for k in args.components
+            ]
         else:
             parser.error(f"unknown op {op!r}")
 
@@ -436,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                     continue
                 per_image = result["ms"] / 1e3 / batch
-                config = f"N={n} B={batch}" + (f" K={k} it={args.iters}" if k else "")
+                iters = args.vmf_iters if op == "vmf_kmeans" else args.iters
+                config = f"N={n} B={batch}" + (f" K={k} it={iters}" if k else "")
                 rows.append({"op": op, "n": n, "k": k, "batch": batch, "backend": case.backend, "config": config, **result})
                 print(f"  {op:<13}{config:<24}{case.backend:<16}{result['ms']:10.3f} ms", flush=True)
 

@@ -54,7 +54,8 @@ __device__ inline void vmf_l2norm_rows(double* mu, int k, int d) {
 }
 
 // E-step: z[i, :] = softmax(kappa * <x_i, mu_:>), as exp(kappa * (s - max s)) / sum (the same
-// softmax, never Inf - Inf). First every (point, mean) score, then one thread per point.
+// softmax, never Inf - Inf); terms below e^-600 are 0, as in the CPU kernel (which subnormal
+// doubles slowed). First every (point, mean) score, then one thread per point.
 __device__ inline void vmf_e_step(const float* __restrict__ x, const double* __restrict__ mu, double* z,
                                   const VmfDims& dm) {
   const int n = dm.n, d = dm.d, k = dm.k;
@@ -73,7 +74,8 @@ __device__ inline void vmf_e_step(const float* __restrict__ x, const double* __r
     for (int j = 1; j < k; ++j) best = fmax(best, zi[j]);
     double total = 0.0;
     for (int j = 0; j < k; ++j) {
-      zi[j] = exp(dm.kappa * (zi[j] - best));
+      const double t = dm.kappa * (zi[j] - best);
+      zi[j] = t < -600.0 ? 0.0 : exp(t);
       total += zi[j];
     }
     const double inv = 1.0 / total;  // total >= 1: the best mean contributes exp(0)
