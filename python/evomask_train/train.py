@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset-length", type=positive_int, default=1024,
                    help="samples per epoch of the embedded default dataset (random crops)")
     g.add_argument("--num-workers", type=nonnegative_int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=nonnegative_int, default=0,
+                   help="k-NN top-1 of the encoder on --eval-data every this many epochs (0: off): metrics.csv "
+                        "column knn_top1, TensorBoard eval/knn_top1")
+    g.add_argument("--eval-data", default="digits",
+                   help="labelled data of --eval-every: 'digits' (embedded, scikit-learn) or a folder with train/ "
+                        "and val/ ImageFolder trees")
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=sorted(MODEL_SIZES), default="tiny", help="ViT encoder size (MAE decoder scaled with it)")
     g.add_argument("--img-size", type=positive_int, default=224, help="input resolution in pixels")
@@ -218,7 +225,7 @@ def _epoch_loader(loader: DataLoader, epoch: int, skip_batches: int) -> DataLoad
 class _MetricsLog:
     """metrics.csv (append-safe across resumes) plus TensorBoard when it is installed."""
 
-    FIELDS = ("step", "epoch", "progress", "loss", "lr", "mask_ms", "step_ms", "images_per_s")
+    FIELDS = ("step", "epoch", "progress", "loss", "lr", "mask_ms", "step_ms", "images_per_s", "knn_top1")
 
     def __init__(self, folder: Path, resumed_step: int):
         self.path = folder / "metrics.csv"
@@ -249,6 +256,13 @@ class _MetricsLog:
         if self.tb is not None:
             for key in ("loss", "lr", "mask_ms", "step_ms", "images_per_s"):
                 self.tb.add_scalar(f"train/{key}", row[key], row["step"])
+
+    def write_eval(self, row: dict) -> None:
+        """A row of its own for a k-NN evaluation (the step columns stay empty)."""
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, self.FIELDS).writerow(row)
+        if self.tb is not None:
+            self.tb.add_scalar("eval/knn_top1", row["knn_top1"], row["step"])
 
     def close(self) -> None:
         if self.tb is not None:
@@ -554,6 +568,42 @@ def _build_data(args: argparse.Namespace, device: torch.device):
     return dataset, gallery_batch.to(device)
 
 
+class _KnnMonitor:
+    """``--eval-every``: the encoder's k-NN top-1 on ``--eval-data`` every E epochs, on rank 0 only.
+
+    The data is read at construction, so a bad ``--eval-data`` stops the run at start-up rather
+    than after the first epochs. An evaluation draws from no generator and leaves the model's mode
+    as it was, so the run's weights are those of a run without the monitor.
+    """
+
+    def __init__(self, args: argparse.Namespace, is_main: bool, device: torch.device, use_bf16: bool):
+        self.every = args.eval_every if is_main else 0
+        self.data, self.device = args.eval_data, device
+        self.dtype = torch.bfloat16 if use_bf16 else None
+        if self.every:
+            from .evaluate import EvaluationStopped, load_eval_data
+
+            try:
+                load_eval_data(self.data, args.img_size, flag="--eval-data")
+            except EvaluationStopped as exc:
+                raise TrainingStopped(str(exc)) from exc
+
+    def due(self, epochs_done: int) -> bool:
+        """Whether the monitor runs after ``epochs_done`` completed epochs."""
+        return bool(self.every) and epochs_done % self.every == 0
+
+    def __call__(self, model: MaskedAutoencoder, log: "_MetricsLog", step: int, epoch, say) -> None:
+        """Evaluates ``model``, logs ``knn_top1`` at ``step`` / ``epoch`` and prints one line with ``say``."""
+        from .evaluate import EvaluationStopped, knn_monitor
+
+        try:
+            top1 = knn_monitor(model, self.data, self.device, autocast_dtype=self.dtype)
+        except EvaluationStopped as exc:
+            raise TrainingStopped(f"{exc} (k-NN monitor at step {step})") from exc
+        _write_or_stop(log.write_eval, log.path, step, {"step": step, "epoch": epoch, "knn_top1": round(top1, 3)})
+        say(f"[evomask] epoch {epoch}: k-NN top-1 {top1:.2f} % on {self.data}")
+
+
 def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
     rank, world, device = _init_distributed(args.device)
     is_main = rank == 0
@@ -566,6 +616,8 @@ def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
     torch.manual_seed(args.seed + 1 + rank)
 
     dataset, gallery_batch = _build_data(args, device)
+    use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
+    monitor = _KnnMonitor(args, is_main, device, use_bf16)
     loader = build_loader(dataset, args.batch_size, args.seed, num_workers=args.num_workers,
                           distributed=world > 1, rank=rank, world_size=world)
     steps_per_epoch = len(loader) // args.accum_iter
@@ -581,7 +633,6 @@ def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _cosine_with_warmup(total_steps, round(args.warmup_epochs * steps_per_epoch), args.min_lr / lr)
     )
-    use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
 
     options = {
         "selective": {"steps": args.selective_steps, "probes": args.selective_probes},
@@ -708,6 +759,8 @@ def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
                 checkpoint()
             if epoch_done and (step // steps_per_epoch) % args.gallery_every == 0:
                 gallery(step // steps_per_epoch)
+            if epoch_done and monitor.due(step // steps_per_epoch):
+                monitor(model, log, step, step // steps_per_epoch, bar.write)
     except KeyboardInterrupt:
         interrupted = True
         if is_main:
