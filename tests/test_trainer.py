@@ -120,3 +120,28 @@ def test_attention_maps_match_timm_softmax():
 def test_bad_attn_layers_is_a_clear_error(tmp_path):
     with pytest.raises(TrainingStopped, match="attn-layers"):
         run(tmp_path, "--attn-layers", "13", "--max-steps", "1")
+
+
+def test_metrics_epoch_and_galleries_count_epochs_completed(tmp_path, monkeypatch):
+    """metrics.csv's epoch is step / steps per epoch; a gallery is titled with the same number and
+    its step, and drawn at the t/T the next step trains with (8 steps per epoch, 16 in all)."""
+    import evomask_train.train as train_module
+
+    drawn = []
+    real = train_module.save_gallery
+
+    def record(model, imgs, mask, pred, attn_layers, path, title, progress=None):
+        drawn.append((Path(path).name, title, progress))
+        return real(model, imgs, mask, pred, attn_layers, path, title, progress=progress)
+
+    monkeypatch.setattr(train_module, "save_gallery", record)
+    run(tmp_path, "--mask", "ehm", "--epochs", "2", "--max-steps", "11", "--gallery-every", "1")
+    lines = (tmp_path / "metrics.csv").read_text().strip().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:]]
+    assert [int(r["step"]) for r in rows] == list(range(1, 12))
+    assert [float(r["epoch"]) for r in rows] == [round(s / 8, 4) for s in range(1, 12)]
+    assert rows[7]["epoch"] == "1"  # a whole number of epochs reads as an integer
+    assert [(name, progress) for name, _, progress in drawn] == [("epoch0001.png", 0.5), ("epoch0002.png", 11 / 16)]
+    assert "epoch 1 (step 8), t/T = 0.50" in drawn[0][1]
+    assert "epoch 1.375 (step 11), t/T = 0.69" in drawn[1][1]

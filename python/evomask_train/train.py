@@ -568,6 +568,38 @@ def _build_data(args: argparse.Namespace, device: torch.device):
     return dataset, gallery_batch.to(device)
 
 
+def _epochs_done(step: int, steps_per_epoch: int) -> int | float:
+    """Epochs completed after ``step`` optimiser steps, to 4 decimals (an int at an epoch's end)."""
+    epochs = round(step / steps_per_epoch, 4)
+    return int(epochs) if epochs == int(epochs) else epochs
+
+
+def _write_gallery(model: MaskedAutoencoder, masker: "StepMasker", batch: torch.Tensor, path: Path,
+                   args: argparse.Namespace, *, step: int, steps_per_epoch: int, total_steps: int,
+                   use_bf16: bool) -> None:
+    """The mask gallery after ``step`` steps, masks drawn at the progress the next step trains with.
+
+    Neither the mask generator nor the masker's progress is left changed: the training masks
+    stay those of a run without galleries.
+    """
+    device = batch.device
+    progress, masker.progress = masker.progress, step / total_steps
+    gen_state = masker.generator.get_state()
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            _, pred, mask = model(batch, mask_fn=masker)
+        title = (f"{args.mask} masks, epoch {_epochs_done(step, steps_per_epoch)} (step {step}), "
+                 f"t/T = {masker.progress:.2f} ({args.model}, {args.img_size}px)")
+        save_gallery(model, batch, mask, pred, masker.attn_layers, path, title, progress=masker.progress)
+    except OSError as exc:
+        raise TrainingStopped(f"could not write the mask gallery {path} at step {step}: {exc}") from exc
+    finally:
+        masker.generator.set_state(gen_state)
+        masker.progress = progress
+        model.train()
+
+
 class _KnnMonitor:
     """``--eval-every``: the encoder's k-NN top-1 on ``--eval-data`` every E epochs, on rank 0 only.
 
@@ -682,21 +714,10 @@ def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
                 ) from exc
             prune_checkpoints(out, args.keep_checkpoints)
 
-    def gallery(epoch: int) -> None:
-        if not is_main:
-            return
-        model.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            gen_state = mask_gen.get_state()  # galleries must not shift the training masks
-            _, pred, mask = model(gallery_batch, mask_fn=masker)
-            mask_gen.set_state(gen_state)
-        path = out / "gallery" / f"epoch{epoch:04d}.png"
-        try:
-            save_gallery(model, gallery_batch, mask, pred, attn_layers, path,
-                         f"{args.mask} masks, epoch {epoch}, t/T = {masker.progress:.2f} ({args.model}, {args.img_size}px)")
-        except OSError as exc:
-            raise TrainingStopped(f"could not write the mask gallery {path} at step {step}: {exc}") from exc
-        model.train()
+    def gallery(name: int) -> None:
+        if is_main:
+            _write_gallery(model, masker, gallery_batch, out / "gallery" / f"epoch{name:04d}.png", args,
+                           step=step, steps_per_epoch=steps_per_epoch, total_steps=total_steps, use_bf16=use_bf16)
 
     from tqdm.auto import tqdm
 
@@ -725,7 +746,7 @@ def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
                         loss, _, _ = ddp_model(imgs, mask_fn=masker)
                     if not torch.isfinite(loss):
                         raise NonFiniteError(
-                            f"the loss is {loss.item()} at step {step} (epoch {epoch}): the model has diverged and "
+                            f"the loss is {loss.item()} at step {step} (epoch {_epochs_done(step, steps_per_epoch)}): the model has diverged and "
                             "the step was not taken. Resume from the last checkpoint with a lower learning "
                             "rate (--blr) or more warmup."
                         )
@@ -735,7 +756,7 @@ def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # measures only
                 if not torch.isfinite(grad_norm):
                     raise NonFiniteError(
-                        f"the gradient norm is {grad_norm.item()} at step {step} (epoch {epoch}): the step was not "
+                        f"the gradient norm is {grad_norm.item()} at step {step} (epoch {_epochs_done(step, steps_per_epoch)}): the step was not "
                         "taken. Resume from the last checkpoint with a lower learning rate (--blr)."
                     )
                 optimizer.step()
@@ -748,7 +769,7 @@ def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
                 bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", mask_ms=f"{mask_ms:.1f}")
                 if is_main and (step % args.log_every == 0 or step == last_steps):
                     _write_or_stop(log.write, log.path, step, {
-                        "step": step, "epoch": epoch, "progress": round(step / total_steps, 6), "loss": last_loss,
+                        "step": step, "epoch": _epochs_done(step, steps_per_epoch), "progress": round(step / total_steps, 6), "loss": last_loss,
                         "lr": scheduler.get_last_lr()[0], "mask_ms": round(mask_ms, 3), "step_ms": round(step_ms, 3),
                         "images_per_s": round(eff_batch / (step_ms / 1e3), 2)})
                 if step % args.save_every == 0:
@@ -760,7 +781,7 @@ def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
             if epoch_done and (step // steps_per_epoch) % args.gallery_every == 0:
                 gallery(step // steps_per_epoch)
             if epoch_done and monitor.due(step // steps_per_epoch):
-                monitor(model, log, step, step // steps_per_epoch, bar.write)
+                monitor(model, log, step, _epochs_done(step, steps_per_epoch), bar.write)
     except KeyboardInterrupt:
         interrupted = True
         if is_main:
