@@ -1,6 +1,6 @@
 """The console scripts in an environment without the [train] extra: one line, exit status 3.
 
-``evomask-pretrain`` and ``evomask-demo`` run through ``evomask_train.cli``, which checks for the
+``evomask-pretrain``, ``evomask-eval`` and ``evomask-demo`` run through ``evomask_train.cli``, which checks for the
 extra's packages before the trainer's top-level imports. A package is made "missing" in a child
 Python by ``sys.modules[name] = None``: importing it then raises ModuleNotFoundError and
 ``importlib.util.find_spec`` finds nothing, as in a venv where it was never installed.
@@ -65,6 +65,10 @@ def test_demo_without_matplotlib_says_which_extra(tmp_path):
     assert_one_line_stop(run_script(tmp_path, "demo", ["matplotlib"], []), "matplotlib")
 
 
+def test_eval_without_sklearn_says_which_extra(tmp_path):
+    assert_one_line_stop(run_script(tmp_path, "evaluate", ["sklearn"], ["--protocol", "knn"]), "sklearn")
+
+
 def test_pretrain_names_every_missing_package(tmp_path):
     done = run_script(tmp_path, "pretrain", ["timm", "torchvision"], [])
     assert_one_line_stop(done, "timm")
@@ -83,7 +87,11 @@ def test_the_console_scripts_point_at_the_checking_wrappers():
     if not pyproject.exists():
         pytest.skip("no pyproject.toml beside the tests")
     scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
-    assert scripts == {"evomask-pretrain": "evomask_train.cli:pretrain", "evomask-demo": "evomask_train.cli:demo"}
+    assert scripts == {
+        "evomask-pretrain": "evomask_train.cli:pretrain",
+        "evomask-eval": "evomask_train.cli:evaluate",
+        "evomask-demo": "evomask_train.cli:demo",
+    }
 
 
 def test_pretrain_with_the_extra_reaches_the_trainer(capsys):

@@ -1,10 +1,10 @@
-"""Entry points of the console scripts ``evomask-pretrain`` and ``evomask-demo``.
+"""Entry points of the console scripts ``evomask-pretrain``, ``evomask-eval`` and ``evomask-demo``.
 
 The trainer and the demo need packages that a plain ``pip install evomask`` does not bring (the
 ``train`` extra: timm, torchvision, matplotlib, ...), and train.py imports some of them at its top.
 These wrappers check for them first, so that a torch-only environment gets one line saying what to
 install, and exit status 3, instead of a ModuleNotFoundError traceback. Status 3 is the trainer's
-own for a run that cannot go on (a diverged model, a full disk, unusable data).
+and the evaluator's own for a run that cannot go on (a diverged model, a full disk, unusable data).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ EXIT_MISSING_EXTRA = 3
 # tensorboard is left out: the trainer writes metrics.csv without it.
 PRETRAIN_MODULES = ("timm", "torchvision", "tqdm", "matplotlib", "skimage", "PIL")
 DEMO_MODULES = ("matplotlib", "skimage")
+# sklearn: the default evaluation data are its embedded digits.
+EVAL_MODULES = ("timm", "torchvision", "tqdm", "PIL", "sklearn")
 _NOT_THE_EXTRA = frozenset({"torch", "numpy", "evomask_ext", "evomask_train"})
 
 
@@ -66,6 +68,11 @@ def _run(script: str, modules: tuple[str, ...], module: str, argv: list[str] | N
 def pretrain(argv: list[str] | None = None) -> None:
     """``evomask-pretrain``: :func:`evomask_train.train.main` once the [train] extra is there."""
     _run("evomask-pretrain", PRETRAIN_MODULES, "evomask_train.train", argv)
+
+
+def evaluate(argv: list[str] | None = None) -> None:
+    """``evomask-eval``: :func:`evomask_train.evaluate.main` once the [train] extra is there."""
+    _run("evomask-eval", EVAL_MODULES, "evomask_train.evaluate", argv)
 
 
 def demo(argv: list[str] | None = None) -> None:
