@@ -145,3 +145,20 @@ def test_metrics_epoch_and_galleries_count_epochs_completed(tmp_path, monkeypatc
     assert [(name, progress) for name, _, progress in drawn] == [("epoch0001.png", 0.5), ("epoch0002.png", 11 / 16)]
     assert "epoch 1 (step 8), t/T = 0.50" in drawn[0][1]
     assert "epoch 1.375 (step 11), t/T = 0.69" in drawn[1][1]
+
+
+def test_help_states_each_default_once_and_never_none():
+    """--help: no option block with two "(default:", none with "(default: None)", and --deterministic
+    does not promise bitwise-repeatable CUDA runs."""
+    import re
+
+    text = build_parser().format_help()
+    blocks = [" ".join(block.split()) for block in re.split(r"\n  (?=-)", text)]
+    for block in blocks:
+        assert block.count("(default:") <= 1, block
+        assert "(default: None)" not in block, block
+    for line in text.splitlines():
+        assert line.count("(default:") <= 1, line
+    assert any(b.startswith("--dataset-length") and "(default: 1024)" in b for b in blocks)
+    deterministic = next(b for b in blocks if b.startswith("--deterministic"))
+    assert "CUBLAS_WORKSPACE_CONFIG" in deterministic and "not verified" in deterministic

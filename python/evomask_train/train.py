@@ -79,11 +79,25 @@ nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a fin
 open_unit_float = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where it says something: not when the help already states its
+    default in words, nor for a default of None or a plain on/off switch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default:" in text or "(default" in text or action.default in (None, argparse.SUPPRESS):
+            return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``evomask-pretrain`` argument parser."""
     p = argparse.ArgumentParser(
         prog="evomask-pretrain",
         description="MAE pretraining with evolved masks (EHM/EPM) or the baselines, masks from torch.ops.evomask.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--data", type=Path, default=None,
@@ -136,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", type=Path, default=Path("out/pretrain"), help="metrics, checkpoints, galleries")
     g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of weights, data order, crops and masks")
     g.add_argument("--deterministic", action="store_true",
-                   help="torch.use_deterministic_algorithms(True): bitwise-repeatable CUDA runs, somewhat slower")
+                   help="torch.use_deterministic_algorithms(True) and CUBLAS_WORKSPACE_CONFIG=:4096:8 for the run "
+                        "(deterministic kernels or an error, somewhat slower; bitwise-repeatable CUDA runs are not "
+                        "verified). CPU runs are bitwise repeatable from --seed for the same thread count, with or "
+                        "without it")
     g.add_argument("--resume", default=None,
                    help="checkpoint file to resume from, or 'auto' for the newest valid one in --output-dir. "
                         "The run stops (exit 3) when a flag that shapes the model, the data order or the masks "
