@@ -38,7 +38,7 @@ inline bool all_finite(const at::Tensor& t) {
 
 // Validates a [B, N, N] similarity (or attention) tensor and returns it as contiguous float32.
 // Half, bfloat16 and float64 inputs are converted first, so they give exactly the tree of the
-// same values in float32 (DESIGN.md, linkage_tree).
+// same values in float32 (docs/ops.md, linkage_tree).
 inline at::Tensor similarity_as_float(const at::Tensor& sim, const char* name) {
   TORCH_CHECK_VALUE(sim.dim() == 3, name, " must be a [B, N, N] tensor, got ", sim.dim(),
                     " dimension(s) with shape ", sim.sizes());

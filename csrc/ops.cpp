@@ -1,6 +1,6 @@
 // The evomask op contracts, declared once. Kernels register per backend in cpu/ and cuda/;
 // fake (meta) kernels and the pure-PyTorch reference live in the Python package.
-// Contracts: ../shared/DESIGN.md, summarised in README.md.
+// Contracts: docs/ops.md.
 #include <torch/library.h>
 
 TORCH_LIBRARY(evomask, m) {

@@ -6,7 +6,7 @@ O(N^3) agglomeration (a full argmax per merge), vectorized over the batch only.
 
 Arithmetic deliberately matches the kernels operation for operation (float32 storage, the
 Lance-Williams update in float64 rounded once to float32), so on inputs without exact ties all
-backends build the same tree and the same mask bit for bit. Contracts: README.md / DESIGN.md.
+backends build the same tree and the same mask bit for bit. Contracts: docs/ops.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ seeded from the test's node id (plus ``EVOMASK_TEST_SEED``, default 0), so each 
 inputs, reproducibly. Set ``EVOMASK_TEST_SEED`` to another integer to run on fresh inputs.
 
 The helpers below re-derive everything the tests check (leaf sets, levels, sizes, depth-h groups,
-the EHM selection rule, MAE's random masking) from the op contracts in DESIGN.md, without reusing
+the EHM selection rule, MAE's random masking) from the op contracts in docs/ops.md, without reusing
 any code of the package.
 """
 
@@ -225,7 +225,7 @@ def mask_depth(children, n: int, progress: float) -> int:
 
 
 def expected_hier_mask(children, noise, mask_ratio: float, progress: float) -> np.ndarray:
-    """The EHM selection rule of DESIGN.md for one image, written from the contract.
+    """The EHM selection rule of docs/ops.md for one image, written from the contract.
 
     Groups are ordered by decreasing key (noise at the smallest leaf; ties: larger smallest leaf
     first, MAE's rule: its stable ascending argsort keeps the smaller index); their leaves, each

@@ -1,4 +1,4 @@
-"""Bad input everywhere (issue 8): every public function of ``evomask_ext`` answers a wrong type,
+"""Bad input everywhere: every public function of ``evomask_ext`` answers a wrong type,
 rank, shape or dtype, a device mix, NaN/Inf values, an out-of-range or non-integer scalar (bool
 included) with a clear error that names the argument, never a crash, a hang or garbage; and every
 function that takes a batch gives an empty result of the right shape for B = 0.

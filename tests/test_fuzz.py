@@ -1,4 +1,4 @@
-"""Property-based fuzzing of every op (issue 8, point 1): torch.ops.evomask.linkage_tree,
+"""Property-based fuzzing of every op: torch.ops.evomask.linkage_tree,
 hier_mask and gmm_em, and the Python wrappers evomask_ext.linkage_tree / hier_mask / gmm_em /
 part_mask, on the CPU, against independent oracles.
 
@@ -425,7 +425,7 @@ def test_fuzz_linkage_tree(spec: SimSpec):
         replay = replay_tree(symmetrize32(sim32[b]).numpy(), children[b].numpy(), heights[b].numpy())
         same_as_reference = all(torch.equal(t[b], w[b]) for t, w in zip(tree, want))
         if replay.tied:
-            # Exact ties may be resolved differently by different backends (DESIGN.md).
+            # Exact ties may be resolved differently by different backends (docs/ops.md).
             FUZZ_CHECKS[f"linkage_tree: exact ties, reference {'agrees' if same_as_reference else 'differs'}"] += 1
         else:
             assert_trees_equal([t[b] for t in tree], [w[b] for w in want], f"image {b} vs reference: ")

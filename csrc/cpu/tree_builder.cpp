@@ -15,7 +15,7 @@
 // Generic agglomeration with cached row maxima (Muellner 2011, "Modern hierarchical,
 // agglomerative clustering algorithms", the "generic" algorithm), on the upper triangle:
 // row k caches the first maximum of d[k, j] over active j > k. The best pair in row-major order
-// (the canonical merge, DESIGN.md) is then the first row whose cached maximum is the largest.
+// (the canonical merge of docs/ops.md) is then the first row whose cached maximum is the largest.
 //
 // Caches are lazy. With average linkage a merged value never exceeds the values it replaces
 // (linkage.h), so when a row loses its neighbour its old maximum stays an upper bound of its

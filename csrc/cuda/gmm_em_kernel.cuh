@@ -4,8 +4,8 @@
 // responsibilities, then the parameters, fall back to global memory (the `resp` output and a
 // workspace), so any size runs.
 //
-// Arithmetic: squared distances in float32 with centred differences (never E[x^2] - mu^2, see
-// DESIGN.md); the start variances and the log-likelihood are accumulated in float64.
+// Arithmetic: squared distances in float32 with centred differences (never E[x^2] - mu^2, which
+// cancels catastrophically when variances are tiny); the start variances and the log-likelihood are accumulated in float64.
 //
 // The device code; gmm_em_kernel.cu launches it. Also compiled by the tests' CPU SIMT emulator
 // (tests/simt).
