@@ -27,10 +27,20 @@ def run(tmp: Path, *extra: str) -> dict:
     return train(build_parser().parse_args([*TINY, "--output-dir", str(tmp), *extra]))
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+#: The attention options of EHM/EPM/AttnMask, beside each strategy's defaults.
+VARIANTS = [
+    ("epm", "--epm-variant", "released"),
+    ("epm", "--epm-variant", "released", "--attn-source", "ema", "--attn-layers", "all", "--attn-reduce", "sum"),
+    ("ehm", "--attn-source", "ema", "--ema-decay", "0.9"),
+    ("attn", "--attn-source", "ema"),
+]
+
+
+@pytest.mark.parametrize("strategy", [*sorted(STRATEGIES), *VARIANTS], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_two_steps_per_strategy(tmp_path, strategy):
-    """Each strategy trains 2 steps: finite loss, metrics, a checkpoint and a gallery PNG."""
-    summary = run(tmp_path, "--mask", strategy, "--epochs", "2", "--max-steps", "2", "--mask-ratio", "0.6")
+    """Each strategy (and the attention variants) trains 2 steps: finite loss, metrics, a checkpoint and a gallery PNG."""
+    strategy, *options = (strategy,) if isinstance(strategy, str) else strategy
+    summary = run(tmp_path, "--mask", strategy, "--epochs", "2", "--max-steps", "2", "--mask-ratio", "0.6", *options)
     assert summary["step"] == 2 and torch.isfinite(torch.tensor(summary["loss"]))
     rows = (tmp_path / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step,") and len(rows) == 3
@@ -53,9 +63,14 @@ def test_step_masker_exact_count(strategy):
         assert mask.sum(dim=1).tolist() == [masked_count(36, 0.7)] * 3
 
 
-def test_resume_equals_straight_run(tmp_path):
-    """2 steps + resume + 2 steps gives bitwise the weights of 4 straight steps (mid-epoch)."""
-    common = ("--mask", "ehm", "--epochs", "2", "--save-every", "2", "--seed", "3")
+@pytest.mark.parametrize("attention", [
+    (),
+    ("--attn-source", "ema", "--ema-decay", "0.9"),
+    ("--mask", "epm", "--epm-variant", "released", "--attn-source", "ema", "--attn-layers", "all", "--attn-reduce", "sum"),
+], ids=["online", "ema", "epm-released-ema"])
+def test_resume_equals_straight_run(tmp_path, attention):
+    """2 steps + resume + 2 steps gives bitwise the weights (and the EMA teacher) of 4 straight steps (mid-epoch)."""
+    common = ("--mask", "ehm", "--epochs", "2", "--save-every", "2", "--seed", "3", *attention)
     run(tmp_path / "straight", *common, "--max-steps", "4")
     run(tmp_path / "split", *common, "--max-steps", "2")
     run(tmp_path / "split", *common, "--max-steps", "4", "--resume", "auto")
@@ -65,6 +80,9 @@ def test_resume_equals_straight_run(tmp_path):
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
     assert torch.equal(straight["rng"][0]["mask"], split["rng"][0]["mask"])
+    assert ("ema" in straight) == ("ema" in split) == ("ema" in attention)
+    for name, tensor in straight.get("ema", {}).items():
+        assert torch.equal(tensor, split["ema"][name]), name
     lines = (tmp_path / "split" / "metrics.csv").read_text().strip().splitlines()
     assert [line.split(",")[0] for line in lines[1:]] == ["1", "2", "3", "4"]
 
@@ -77,12 +95,14 @@ def test_checkpoints_load_weights_only(tmp_path):
     assert {"model", "optimizer", "scheduler", "step", "rng"} <= state.keys()
 
 
-def test_ddp_two_processes_gloo(tmp_path):
-    """torchrun with 2 CPU processes (gloo) trains and rank 0 writes the outputs."""
+@pytest.mark.parametrize("attention", [(), ("--attn-source", "ema")], ids=["online", "ema"])
+def test_ddp_two_processes_gloo(tmp_path, attention):
+    """torchrun with 2 CPU processes (gloo) trains and rank 0 writes the outputs (with an EMA teacher:
+    each process keeps its own, not wrapped in DDP)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "evomask_train.train", *TINY, "--mask", "ehm", "--epochs", "1", "--max-steps", "2",
-           "--output-dir", str(tmp_path)]
+           "--output-dir", str(tmp_path), *attention]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert '"step": 2' in done.stdout
@@ -90,6 +110,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert len(state["rng"]) == 2  # both ranks' mask generators are saved
     assert not torch.equal(state["rng"][0]["mask"], state["rng"][1]["mask"])
     assert state["world"] == 2
+    assert ("ema" in state) == bool(attention)
     assert not (tmp_path / "evomask.lock").exists()  # held by rank 0 alone, released at the end
 
 

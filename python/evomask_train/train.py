@@ -10,6 +10,8 @@ and mask flags.
 Each step embeds the batch once; the masking strategy sees that embedding and, for the
 attention-driven strategies, runs the current encoder's first ``--attn-layers`` blocks on the
 full sequence without gradients (EHM Sec. V-E) before the encoder sees only the visible patches.
+With ``--attn-source ema`` those blocks are an EMA copy's (:mod:`evomask_train.ema`), run on the
+online model's tokens, as the EPM authors' released code does.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from evomask_ext.masking import STRATEGIES, MaskContext, MaskStrategy, build_str
 from .checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, save_atomic
 from .run_lock import FolderBusy, RunLock
 from .data import build_dataset, build_loader, set_loader_epoch
+from .ema import EMATeacher
 from .gallery import save_gallery
 from .model import MODEL_SIZES, MaskedAutoencoder, build_mae
 
@@ -77,6 +80,19 @@ nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 open_unit_float = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
+def attn_layers_arg(text: str) -> int | str:
+    """``--attn-layers``: a block count >= 1 or ``all``."""
+    if text == "all":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or 'all', got {text!r}") from None
+
+
+attn_layers_arg.__name__ = "an integer >= 1 or 'all'"
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -121,8 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("masking")
     g.add_argument("--mask", choices=sorted(STRATEGIES), default="ehm", help="masking strategy")
     g.add_argument("--mask-ratio", type=open_unit_float, default=0.75, help="fraction of patches masked")
-    g.add_argument("--attn-layers", type=positive_int, default=None,
-                   help="encoder blocks whose attention is averaged for the masks (default: half the depth)")
+    g.add_argument("--attn-layers", type=attn_layers_arg, default=None,
+                   help="the first encoder blocks whose attention gives the masks, or 'all' (default: half the depth)")
+    g.add_argument("--attn-reduce", choices=["mean", "sum"], default="mean",
+                   help="ehm/epm: average the attention over heads and layers (the papers) or sum it (the EPM release)")
+    g.add_argument("--attn-source", choices=["online", "ema"], default="online",
+                   help="ehm/epm/attn: attention of the encoder being trained, or of an EMA copy of the model run "
+                        "on the online model's patch tokens (the EPM release)")
+    g.add_argument("--ema-decay", type=open_unit_float, default=0.99996,
+                   help="--attn-source ema: ema = decay * ema + (1 - decay) * online after every optimiser step")
     g.add_argument("--selective-steps", type=positive_int, default=10,
                    help="selective: S schedule steps; step 0 masks at random, later ones by a frozen snapshot's errors")
     g.add_argument("--selective-probes", type=positive_int, default=5,
@@ -132,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=nonnegative_float, default=2.0,
                    help="epm: alpha = (t / T) ** gamma blends the grid pattern into whole parts")
     g.add_argument("--em-iters", type=nonnegative_int, default=10, help="epm: Gaussian-mixture EM iterations per batch")
+    g.add_argument("--epm-variant", choices=["paper", "released"], default="paper",
+                   help="epm: the paper's diagonal GMM, alpha = (t/T)^gamma, or the authors' released code (vMF "
+                        "parts, K jittered per batch, alpha = sqrt(t/T + 1/300); --gamma and --em-iters not used)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_int, default=400, help="training epochs")
     g.add_argument("--max-steps", type=nonnegative_int, default=None,
@@ -158,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file to resume from, or 'auto' for the newest valid one in --output-dir. "
                         "The run stops (exit 3) when a flag that shapes the model, the data order or the masks "
                         f"differs from the checkpoint's: {', '.join(_flag(d) for d in _MUST_MATCH)}, the number "
-                        "of processes, --attn-layers for ehm/epm, and the strategy's own options (--selective-*; "
-                        "--num-parts, --gamma, --em-iters). --epochs, --blr, --lr, --min-lr, --warmup-epochs and "
+                        "of processes, --attn-layers and --attn-reduce for ehm/epm, --attn-source (and --ema-decay "
+                        "with ema) for ehm/epm/attn, and the strategy's own options (--selective-*; --num-parts, "
+                        "--gamma, --em-iters, --epm-variant). --epochs, --blr, --lr, --min-lr, --warmup-epochs and "
                         "--weight-decay may change: the schedule is recomputed with them and applies from the "
                         "resumed step (the learning rate may jump; a line says by how much). All other flags "
                         "are free (with --data, another --num-workers gives other random crops)")
@@ -289,9 +316,13 @@ class _MetricsLog:
 class StepMasker:
     """Builds a step's mask from the model's own patch embedding, for :meth:`MaskedAutoencoder.forward`."""
 
-    def __init__(self, strategy: MaskStrategy, attn_layers: int, generator: torch.Generator):
+    def __init__(self, strategy: MaskStrategy, attn_layers: int, generator: torch.Generator, *,
+                 teacher: EMATeacher | None = None, reduce: str = "mean"):
         self.strategy = strategy
         self.attn_layers = attn_layers
+        # With a teacher its blocks read the online model's tokens: the EPM release's EMA attention.
+        self.teacher = teacher
+        self.reduce = reduce
         self.generator = generator
         self.progress = 0.0
         self.step = 0  # optimiser step, for messages
@@ -302,9 +333,10 @@ class StepMasker:
         needs = self.strategy.needs
         maps = None
         if needs & {"attn", "cls_attn"}:
+            source = self.teacher.module if self.teacher is not None else model
             maps = attention_maps(
-                model.blocks, tokens, patch_layers=self.attn_layers if "attn" in needs else 0,
-                cls_from_last="cls_attn" in needs,
+                source.blocks, tokens, patch_layers=self.attn_layers if "attn" in needs else 0,
+                cls_from_last="cls_attn" in needs, reduce=self.reduce,
             )
             # A diverged encoder gives NaN/Inf attention; the masking ops must never see it.
             for name, value in (("patch attention", maps.patch), ("[CLS] attention", maps.cls)):
@@ -411,29 +443,50 @@ def _check_mask_ratio(ratio: float, n: int) -> None:
 _MUST_MATCH = ("model", "img_size", "patch_size", "norm_pix_loss", "data", "dataset_length", "batch_size",
                "accum_iter", "seed", "mask", "mask_ratio")
 #: A strategy's own options, compared only when resuming that strategy.
-_STRATEGY_OPTIONS = {"selective": ("selective_steps", "selective_probes"), "epm": ("num_parts", "gamma", "em_iters")}
+_STRATEGY_OPTIONS = {"selective": ("selective_steps", "selective_probes"),
+                     "epm": ("num_parts", "gamma", "em_iters", "epm_variant")}
+#: The value of a flag that a checkpoint saved before the flag existed ran with.
+_BEFORE_THE_FLAG = {"epm_variant": "paper", "attn_source": "online", "attn_reduce": "mean"}
 #: Flags that may change on resume: the learning-rate schedule and regularisation, recomputed with them.
 _SCHEDULE = ("epochs", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay")
 
 
 def _resume_mismatches(saved: dict, args: argparse.Namespace, saved_world: int, world: int, depth: int,
-                       needs_attn: bool) -> list[str]:
-    """One line per flag that differs from the checkpoint's and would change the model, data or masks."""
+                       needs: frozenset) -> list[str]:
+    """One line per flag that differs from the checkpoint's and would change the model, data or masks.
+
+    ``needs`` is the strategy's: the attention flags count only for strategies that read attention.
+    """
     new = _jsonable_args(args)
     names = [*_MUST_MATCH, *_STRATEGY_OPTIONS.get(args.mask, ())]
     if args.data is not None or saved.get("data") is not None:
         names.remove("dataset_length")  # unused with an image folder
+    if needs & {"attn", "cls_attn"}:
+        names.append("attn_source")
+        if args.attn_source == "ema" or saved.get("attn_source") == "ema":
+            names.append("ema_decay")
+    if "attn" in needs:
+        names.append("attn_reduce")
+    if saved:
+        saved = {**_BEFORE_THE_FLAG, **saved}
     lines = []
     for name in names:
         if name in saved and not _same_value(name, saved[name], new[name]):
             lines.append(f"{_flag(name)}: saved {saved[name]}, now {new[name]}")
-    if needs_attn and "attn_layers" in saved:
-        was, now = (v if v is not None else depth // 2 for v in (saved["attn_layers"], args.attn_layers))
+    if "attn" in needs and "attn_layers" in saved:
+        was, now = (_resolve_attn_layers(v, depth) for v in (saved["attn_layers"], args.attn_layers))
         if was != now:
             lines.append(f"--attn-layers: saved {was}, now {now}")
     if saved_world != world:
         lines.append(f"processes (WORLD_SIZE): saved {saved_world}, now {world}")
     return lines
+
+
+def _resolve_attn_layers(value: int | str | None, depth: int) -> int:
+    """The number of blocks ``--attn-layers`` reads: half the depth by default, every block for 'all'."""
+    if value is None:
+        return depth // 2
+    return depth if value == "all" else int(value)
 
 
 def _same_value(name: str, saved, new) -> bool:
@@ -464,7 +517,7 @@ def _check_resume_args(path: Path, ckpt: dict, args: argparse.Namespace, world: 
     """
     saved = json.loads(ckpt["args"]) if isinstance(ckpt.get("args"), str) else {}
     saved_world = int(ckpt.get("world", len(ckpt.get("rng", [None]))))
-    lines = _resume_mismatches(saved, args, saved_world, world, depth, "attn" in strategy.needs)
+    lines = _resume_mismatches(saved, args, saved_world, world, depth, strategy.needs)
     if lines:
         raise TrainingStopped(
             f"checkpoint {path} was saved with other flags, which would change the model, the data order or the "
@@ -503,7 +556,8 @@ def _schedule_note(saved: dict, args: argparse.Namespace, step: int, totals: tup
 
 def _restore(found: tuple[Path, dict], args: argparse.Namespace, *, model: MaskedAutoencoder,
              optimizer: torch.optim.Optimizer, scheduler, strategy: MaskStrategy, generators: dict,
-             rank: int, world: int, device: torch.device, steps_per_epoch: int) -> int:
+             rank: int, world: int, device: torch.device, steps_per_epoch: int,
+             teacher: EMATeacher | None = None) -> int:
     """Loads a checkpoint into the run's objects after checking the flags it was saved with.
 
     The schedule flags of this command line apply from the checkpoint's step. Returns that step.
@@ -522,6 +576,11 @@ def _restore(found: tuple[Path, dict], args: argparse.Namespace, *, model: Maske
     saved_lr = optimizer.param_groups[0]["lr"]
     _apply_schedule(optimizer, scheduler, wanted)
     strategy.load_state_dict(ckpt.get("strategy", {}))
+    if teacher is not None:
+        if "ema" not in ckpt:
+            raise TrainingStopped(f"checkpoint {path} holds no EMA model, which --attn-source ema needs: resume "
+                                  "with --attn-source online or use another --output-dir")
+        teacher.load_state_dict(ckpt["ema"])
     rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
     _set_rng_state(rng, generators, device)
     step = int(ckpt["step"])
@@ -567,11 +626,46 @@ def _build_model(args: argparse.Namespace, device: torch.device) -> tuple[Masked
     except ValueError as exc:  # e.g. an image size that is not a multiple of the patch size
         raise TrainingStopped(f"--img-size {args.img_size} / --patch-size {args.patch_size}: {exc}") from exc
     depth = model.cfg.depth
-    attn_layers = args.attn_layers if args.attn_layers is not None else depth // 2
+    attn_layers = _resolve_attn_layers(args.attn_layers, depth)
     if not 1 <= attn_layers <= depth:
         raise TrainingStopped(f"--attn-layers must be in [1, {depth}] for --model {args.model}, got {attn_layers}")
     _check_mask_ratio(args.mask_ratio, model.cfg.num_patches)
     return model, attn_layers
+
+
+def _check_masking_flags(args: argparse.Namespace, needs: frozenset) -> None:
+    """Refuses flags that would be silently ignored by the chosen ``--mask``."""
+    reads_attention = bool(needs & {"attn", "cls_attn"})
+    if args.attn_source != "online" and not reads_attention:
+        raise TrainingStopped(f"--attn-source {args.attn_source} applies to the strategies that read attention "
+                              f"(ehm, epm, attn), not to --mask {args.mask}")
+    if args.attn_reduce != "mean" and "attn" not in needs:
+        raise TrainingStopped(f"--attn-reduce {args.attn_reduce} applies to the strategies that read the patch "
+                              f"attention (ehm, epm), not to --mask {args.mask}")
+    if args.epm_variant != "paper" and args.mask != "epm":
+        raise TrainingStopped(f"--epm-variant {args.epm_variant} applies to --mask epm, not to --mask {args.mask}")
+    if args.epm_variant == "released":
+        for name, default in (("gamma", 2.0), ("em_iters", 10)):
+            if getattr(args, name) != default:
+                raise TrainingStopped(
+                    f"{_flag(name)} {getattr(args, name)} applies to --epm-variant paper only: the released code "
+                    f"has its own alpha and clustering (leave {_flag(name)} at {default})")
+
+
+def _build_masker(args: argparse.Namespace, model: MaskedAutoencoder, attn_layers: int,
+                  rank: int) -> tuple[MaskStrategy, "StepMasker", EMATeacher | None]:
+    """The strategy, the step masker (with its own generator) and the EMA teacher (or None)."""
+    options = {
+        "selective": {"steps": args.selective_steps, "probes": args.selective_probes},
+        "epm": {"num_parts": args.num_parts, "gamma": args.gamma, "em_iters": args.em_iters,
+                "variant": args.epm_variant},
+    }.get(args.mask, {})
+    _check_masking_flags(args, STRATEGIES[args.mask].needs)
+    strategy = build_strategy(args.mask, args.mask_ratio, **options)
+    teacher = EMATeacher(model, args.ema_decay) if args.attn_source == "ema" else None
+    mask_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + 17 + rank)
+    masker = StepMasker(strategy, attn_layers, mask_gen, teacher=teacher, reduce=args.attn_reduce)
+    return strategy, masker, teacher
 
 
 def _build_data(args: argparse.Namespace, device: torch.device):
@@ -683,21 +777,15 @@ def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
         optimizer, _cosine_with_warmup(total_steps, round(args.warmup_epochs * steps_per_epoch), args.min_lr / lr)
     )
 
-    options = {
-        "selective": {"steps": args.selective_steps, "probes": args.selective_probes},
-        "epm": {"num_parts": args.num_parts, "gamma": args.gamma, "em_iters": args.em_iters},
-    }.get(args.mask, {})
-    strategy = build_strategy(args.mask, args.mask_ratio, **options)
-    mask_gen = torch.Generator().manual_seed(args.seed * 1_000_003 + 17 + rank)
-    masker = StepMasker(strategy, attn_layers, mask_gen)
-    generators = {"mask": mask_gen}
+    strategy, masker, teacher = _build_masker(args, model, attn_layers, rank)
+    generators = {"mask": masker.generator}
 
     step = 0
     found = _find_checkpoint(args, out, is_main) if args.resume else None
     if found is not None:
         step = _restore(found, args, model=model, optimizer=optimizer, scheduler=scheduler, strategy=strategy,
                         generators=generators, rank=rank, world=world, device=device,
-                        steps_per_epoch=steps_per_epoch)
+                        steps_per_epoch=steps_per_epoch, teacher=teacher)
 
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     try:
@@ -720,7 +808,8 @@ def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
                     {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "strategy": strategy.state_dict(), "step": step,
                      "epoch": step / steps_per_epoch, "rng": rngs, "world": world,
-                     "args": json.dumps(_jsonable_args(args))},
+                     "args": json.dumps(_jsonable_args(args)),
+                     **({"ema": teacher.state_dict()} if teacher is not None else {})},
                     path,
                 )
             except OSError as exc:  # disk full, quota, folder gone: the older checkpoints are untouched
@@ -777,6 +866,8 @@ def _train(args: argparse.Namespace, cleanup: contextlib.ExitStack) -> dict:
                         "taken. Resume from the last checkpoint with a lower learning rate (--blr)."
                     )
                 optimizer.step()
+                if teacher is not None:
+                    teacher.update(model)
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
