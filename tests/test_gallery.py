@@ -37,3 +37,22 @@ def test_gallery_png_has_a_row_per_image(tmp_path, rows, progress, gen):
     width, height = Image.open(path).size
     assert width > 5 * 100  # seven panels side by side
     assert height > rows * 150 and height < (rows + 1) * 250
+
+
+def test_gallery_trees_come_from_the_given_similarity(tmp_path, monkeypatch, gen):
+    """With the masks' own similarity (an EMA teacher's, a summed one), the trees drawn are its."""
+    import evomask_ext
+
+    seen = []
+    real = evomask_ext.linkage_tree
+    monkeypatch.setattr(evomask_ext, "linkage_tree", lambda sim: seen.append(sim) or real(sim))
+    model = build_mae("tiny", img_size=32, patch_size=8).eval()
+    imgs = torch.randn(2, 3, 32, 32, generator=gen)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :12] = True
+    sim = torch.rand(2, 16, 16, generator=gen) * 7
+    save_gallery(model, imgs, mask, torch.randn(2, 16, 192, generator=gen), 2, tmp_path / "g.png", "t",
+                 progress=0.5, similarity=sim)
+    assert len(seen) == 1 and torch.equal(seen[0], sim)
+    save_gallery(model, imgs, mask, torch.randn(2, 16, 192, generator=gen), 2, tmp_path / "h.png", "t")
+    assert torch.allclose(seen[1], evomask_ext.attention_similarity(model, imgs, layers=2))

@@ -151,9 +151,10 @@ def test_metrics_epoch_and_galleries_count_epochs_completed(tmp_path, monkeypatc
     drawn = []
     real = train_module.save_gallery
 
-    def record(model, imgs, mask, pred, attn_layers, path, title, progress=None):
+    def record(model, imgs, mask, pred, attn_layers, path, title, progress=None, similarity=None):
         drawn.append((Path(path).name, title, progress))
-        return real(model, imgs, mask, pred, attn_layers, path, title, progress=progress)
+        assert similarity is not None and similarity.shape == (len(imgs), 16, 16)  # the masks' own (ehm)
+        return real(model, imgs, mask, pred, attn_layers, path, title, progress=progress, similarity=similarity)
 
     monkeypatch.setattr(train_module, "save_gallery", record)
     run(tmp_path, "--mask", "ehm", "--epochs", "2", "--max-steps", "11", "--gallery-every", "1")

@@ -72,10 +72,12 @@ def save_gallery(
     path: Path,
     title: str,
     progress: float | None = None,
+    similarity: torch.Tensor | None = None,
 ) -> Path:
     """Draws the gallery of ``imgs`` with their ``mask`` and prediction ``pred`` to ``path``.
 
-    ``attn_layers`` blocks give the attention the trees are built from (the masks' own input);
+    The trees are built from ``similarity`` [B, N, N] (the attention the masks were cut from) or,
+    when it is None, from the model's own attention over its first ``attn_layers`` blocks.
     ``progress`` (t / T) picks the depth of the mask column's groups (half the height if None).
     """
     import matplotlib
@@ -85,7 +87,9 @@ def save_gallery(
 
     cfg = model.cfg
     grid, p = cfg.grid, cfg.patch_size
-    tree = evomask_ext.linkage_tree(evomask_ext.attention_similarity(model, imgs, layers=attn_layers))
+    if similarity is None:
+        similarity = evomask_ext.attention_similarity(model, imgs, layers=attn_layers)
+    tree = evomask_ext.linkage_tree(similarity.float())
     tree = evomask_ext.LinkageTree(*(t.cpu() for t in tree))
     mask_grid = mask.cpu().numpy().reshape(-1, *grid)
     shown = _to_display(imgs)

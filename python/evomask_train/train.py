@@ -327,11 +327,13 @@ class StepMasker:
         self.progress = 0.0
         self.step = 0  # optimiser step, for messages
         self.last_ms = 0.0
+        self.last_similarity: torch.Tensor | None = None  # the [B, N, N] attention of the last mask, if any
 
     def __call__(self, imgs: torch.Tensor, tokens: torch.Tensor, model: MaskedAutoencoder) -> torch.Tensor:
         started = time.perf_counter()
         needs = self.strategy.needs
         maps = None
+        self.last_similarity = None
         if needs & {"attn", "cls_attn"}:
             source = self.teacher.module if self.teacher is not None else model
             maps = attention_maps(
@@ -346,6 +348,7 @@ class StepMasker:
                         "has diverged, so no mask was drawn and the step was not taken. Resume from the last "
                         "checkpoint with a lower learning rate (--blr) or more warmup."
                     )
+            self.last_similarity = maps.patch
         ctx = MaskContext(
             batch_size=tokens.shape[0], grid=model.cfg.grid, device=tokens.device, generator=self.generator,
             attn=maps.patch if maps is not None else None, cls_attn=maps.cls if maps is not None else None,
@@ -702,7 +705,10 @@ def _write_gallery(model: MaskedAutoencoder, masker: "StepMasker", batch: torch.
             _, pred, mask = model(batch, mask_fn=masker)
         title = (f"{args.mask} masks, epoch {_epochs_done(step, steps_per_epoch)} (step {step}), "
                  f"t/T = {masker.progress:.2f} ({args.model}, {args.img_size}px)")
-        save_gallery(model, batch, mask, pred, masker.attn_layers, path, title, progress=masker.progress)
+        # The trees drawn are those the masks were cut from (an EMA teacher's, summed, ...) when the
+        # strategy reads attention; otherwise the online encoder's own.
+        save_gallery(model, batch, mask, pred, masker.attn_layers, path, title, progress=masker.progress,
+                     similarity=masker.last_similarity)
     except OSError as exc:
         raise TrainingStopped(f"could not write the mask gallery {path} at step {step}: {exc}") from exc
     finally:
