@@ -1,5 +1,5 @@
 """The trainer under faults: kills, interrupted and corrupt checkpoints, divergence, vanishing or
-corrupt images, a full disk, and repeatability from a seed (issue 8)."""
+corrupt images, a full disk, and repeatability from a seed."""
 
 from __future__ import annotations
 
