@@ -37,24 +37,9 @@ def _hier_mask_fake(attn, noise, mask_ratio, progress):
     return attn.new_empty((b, n), dtype=torch.bool)
 
 
-@torch.library.register_fake("evomask::vmf_kmeans")
-def _vmf_kmeans_fake(x, init_means, num_iters, kappa):
-    torch._check_value(x.dim() == 3, lambda: f"x must be a [B, N, D] tensor, got shape {tuple(x.shape)}")
-    torch._check_value(
-        init_means.dim() == 3 and init_means.shape[0] == x.shape[0] and init_means.shape[2] == x.shape[2],
-        lambda: f"init_means must be [B, K, D] = [{x.shape[0]}, K, {x.shape[2]}], got shape {tuple(init_means.shape)}",
-    )
-    torch._check_value(
-        init_means.device == x.device,
-        lambda: f"init_means must be on x's device ({x.device}), got {init_means.device}",
-    )
-    b, n, d = x.shape
-    k = init_means.shape[1]
-    return x.new_empty((b, n, k), dtype=torch.float32), x.new_empty((b, k, d), dtype=torch.float32)
-
-
-@torch.library.register_fake("evomask::gmm_em")
-def _gmm_em_fake(x, init_means, num_iters, reg_covar):
+def _check_points_and_means(x, init_means):
+    """(B, N, D, K) of points x [B, N, D] and start means [B, K, D], the checks gmm_em and
+    vmf_kmeans share."""
     torch._check_value(x.dim() == 3, lambda: f"x must be a [B, N, D] tensor, got shape {tuple(x.shape)}")
     torch._check_value(
         init_means.dim() == 3 and init_means.shape[0] == x.shape[0] and init_means.shape[2] == x.shape[2],
@@ -66,7 +51,18 @@ def _gmm_em_fake(x, init_means, num_iters, reg_covar):
         lambda: f"init_means must be on x's device ({x.device}), got {init_means.device}",
     )
     b, n, d = x.shape
-    k = init_means.shape[1]
+    return b, n, d, init_means.shape[1]
+
+
+@torch.library.register_fake("evomask::vmf_kmeans")
+def _vmf_kmeans_fake(x, init_means, num_iters, kappa):
+    b, n, d, k = _check_points_and_means(x, init_means)
+    return x.new_empty((b, n, k), dtype=torch.float32), x.new_empty((b, k, d), dtype=torch.float32)
+
+
+@torch.library.register_fake("evomask::gmm_em")
+def _gmm_em_fake(x, init_means, num_iters, reg_covar):
+    b, n, d, k = _check_points_and_means(x, init_means)
     f32 = dict(dtype=torch.float32)
     return (
         x.new_empty((b, n, k), **f32),
