@@ -120,12 +120,8 @@ def test_masks_accept_inputs_that_require_grad(gen):
         assert torch.equal(got, want), name
 
 
-def test_opcheck_hier_mask_with_inputs_that_require_grad(gen):
-    """torch.library.opcheck's autograd-registration check, run with inputs that require grad
-    (it is skipped without): hier_mask has an Autograd kernel and no output requires grad."""
-    attn = torch.rand(3, 11, 11, generator=gen).requires_grad_()
-    noise = torch.rand(3, 11, generator=gen).requires_grad_()
-    torch.library.opcheck(torch.ops.evomask.hier_mask.default, (attn, noise, 0.75, 0.5))
+# torch.library.opcheck with inputs that require grad (its autograd-registration check is skipped
+# without): tests/test_opcheck.py, hier_mask-inputs-require-grad.
 
 
 FALLBACK = textwrap.dedent(

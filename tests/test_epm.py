@@ -13,7 +13,8 @@ import evomask_ext
 from evomask_ext import num_parts_schedule, part_mask
 from evomask_ext.masking import MaskContext, build_strategy
 
-from conftest import DEVICES, sklearn_fit
+from conftest import DEVICES
+from oracles import sklearn_fit
 
 
 def attention(batch: int, n: int, gen: torch.Generator, groups: int = 4) -> torch.Tensor:

@@ -24,7 +24,7 @@ Oracles, per op (see the test docstrings for the exact rules):
   (clusters and heights) whenever every merge wins by more than the float32 rounding bound;
   dtype/layout/transpose/batch invariance.
 * hier_mask: the exact count ``N - int(N * (1 - r))`` per image, the contract's selection rule
-  written out independently (conftest.expected_hier_mask) on the op's own tree, the whole-group
+  written out independently (oracles.expected_hier_mask) on the op's own tree, the whole-group
   structure, MAE's random masking at progress 0, equality with the reference on tie-free trees,
   dtype/layout invariance and the wrapper's generator noise.
 * gmm_em: finite outputs, responsibilities and weights that are distributions, variances >=
@@ -61,11 +61,9 @@ from evomask_ext import reference
 #: Where a GPU is present, every case also runs the CUDA kernel and checks it against the CPU one.
 HAS_CUDA = torch.cuda.is_available()
 
-from conftest import (
-    FUZZ_CASES,
-    FUZZ_CHECKS,
+from conftest import FUZZ_CASES, FUZZ_CHECKS, block_similarity, points_similarity
+from oracles import (
     assert_names_nearest_usable_ratio,
-    block_similarity,
     depth_groups,
     expected_hier_mask,
     leaf_sets,
@@ -73,7 +71,6 @@ from conftest import (
     mae_random_masking,
     mask_depth,
     masked_count,
-    points_similarity,
     recompute_levels,
     recompute_sizes,
     scipy_tree,
@@ -537,7 +534,7 @@ def assert_whole_groups(mask: np.ndarray, children: torch.Tensor, progress: floa
 @given(spec=hier_specs())
 def test_fuzz_hier_mask(spec: HierSpec):
     """hier_mask on any input: exactly N - int(N * (1 - r)) masked patches per image, the
-    contract's selection rule on the op's own tree (conftest.expected_hier_mask), whole groups,
+    contract's selection rule on the op's own tree (oracles.expected_hier_mask), whole groups,
     MAE's random masking at progress 0 (tied noise included), the reference's mask when the tree has no
     exact tie, dtype/layout invariance, and the wrapper (explicit noise and generator noise)."""
     FUZZ_CASES["hier_mask"] += 1

@@ -1,7 +1,7 @@
 """torch.ops.evomask.gmm_em: every backend (the compiled CPU kernel, the CUDA kernel where a GPU is
 present, the pure-PyTorch reference) against scikit-learn's diagonal GaussianMixture from the same
-start and against each other; invariants on degenerate input; opcheck, torch.compile, empty
-batches, layouts and dtypes; bad input."""
+start and against each other; invariants on degenerate input; torch.compile, empty batches,
+layouts and dtypes; bad input (opcheck: tests/test_opcheck.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from sklearn.mixture import GaussianMixture
 import evomask_ext
 from evomask_ext import reference
 
-from conftest import DEVICES, HAS_CUDA, sklearn_fit
+from conftest import DEVICES, HAS_CUDA
+from oracles import sklearn_fit
 
 
 def separated_blobs(batch: int, n: int, d: int, k: int, gen: torch.Generator):
@@ -71,7 +72,7 @@ def test_output_invariants(device, gen):
 
 
 # ============================================================================================
-# Every backend against scikit-learn, backends against each other, degenerate input, opcheck,
+# Every backend against scikit-learn, backends against each other, degenerate input,
 # torch.compile, empty batch, layouts and dtypes, bad input.
 # ============================================================================================
 
@@ -444,25 +445,8 @@ def test_cpu_equals_reference_when_components_collapse(kind, gen):
 
 
 # --------------------------------------------------------------------------------------------
-# 4. torch.library.opcheck, 5. torch.compile
+# 4. torch.library.opcheck: tests/test_opcheck.py (every op, every device); 5. torch.compile
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device, gen):
-    """torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch) on each
-    device: attention rows, a strided / float64 / float16 input, K = 1 with no iterations, B = 0."""
-    x = attention_rows(2, 16, gen).to(device)
-    init = random_rows(x.cpu(), 3, gen).to(device)
-    cases = [
-        (x, init, 3, 1e-6),
-        (x.double().transpose(1, 2), init.double(), 2, 1e-4),
-        (x.half(), init.half(), 1, 1e-6),
-        (x, init[:, :1].clone(), 0, 1e-3),
-        (x[:0], init[:0], 3, 1e-6),
-    ]
-    for args in cases:
-        torch.library.opcheck(torch.ops.evomask.gmm_em.default, args)
 
 
 def test_compile_matches_eager(fresh_dynamo, gen):
@@ -589,7 +573,7 @@ def _init(g, dtype=torch.float32):
 
 
 # id -> (builder(gen) -> (x, init_means), regex). Messages: csrc/checks.h check_gmm_em_args and
-# evomask_ext/reference.py gmm_em.
+# src/evomask_ext/reference.py gmm_em.
 BAD_GMM_TENSORS = {
     "x-rank-2": (lambda g: (_x(g)[0], _init(g)), r"^x must be a \[B, N, D\]"),
     "x-rank-4": (lambda g: (_x(g)[None], _init(g)), r"^x must be a \[B, N, D\]"),

@@ -13,19 +13,15 @@ import evomask_ext
 from evomask_ext import reference
 from evomask_ext.masking import random_mask
 
-from conftest import (
-    DEVICES,
-    block_similarity,
-    depth_groups,
-    distinct_noise,
+from conftest import DEVICES, block_similarity, distinct_noise, iid_similarity, points_similarity
+from oracles import (
     assert_names_nearest_usable_ratio,
+    depth_groups,
     expected_hier_mask,
-    iid_similarity,
     left_to_right_leaves,
     mae_random_masking,
     mask_depth,
     masked_count,
-    points_similarity,
 )
 
 RATIOS = [0.01, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 0.99]

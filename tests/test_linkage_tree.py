@@ -16,16 +16,8 @@ from hypothesis import strategies as st
 import evomask_ext
 from evomask_ext import _loader, reference
 
-from conftest import (
-    DEVICES,
-    block_similarity,
-    iid_similarity,
-    leaf_sets,
-    points_similarity,
-    recompute_levels,
-    recompute_sizes,
-    scipy_tree,
-)
+from conftest import DEVICES, block_similarity, iid_similarity, points_similarity
+from oracles import leaf_sets, recompute_levels, recompute_sizes, scipy_tree
 
 FIELDS = ("children", "heights", "levels", "sizes")
 

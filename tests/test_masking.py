@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import mae_random_masking
+from oracles import mae_random_masking
 
 import evomask_ext
 from evomask_ext import masking
@@ -175,7 +175,7 @@ def test_random_equals_mae_rule(ratio, n):
 @pytest.mark.parametrize("ratio", (0.25, 0.75))
 def test_random_ties_follow_mae(ratio):
     """Tied noise: MAE keeps the smaller index of a tie (stable ascending argsort), so the larger
-    one is masked; the conftest oracle is MAE's code with a stable sort."""
+    one is masked; the oracle (tests/oracles.py) is MAE's code with a stable sort."""
     noise = torch.randint(0, 4, (32, 49), generator=gen(6)).float() / 4  # heavy ties
     mask = random_mask(32, 49, ratio, "cpu", noise=noise)
     assert torch.equal(mask, mae_random_masking(noise, ratio))

@@ -1,5 +1,5 @@
-"""Op registration: schemas, which kernels are compiled, the reference fallback, torch.library
-opcheck, and torch.compile."""
+"""Op registration: schemas, which kernels are compiled, the reference fallback, and
+torch.compile (torch.library.opcheck on every op and device: tests/test_opcheck.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 import evomask_ext
 from evomask_ext import _schemas, reference
 
-from conftest import block_similarity, distinct_noise, leaf_sets, mae_random_masking, scipy_tree
+from conftest import block_similarity, distinct_noise
+from oracles import leaf_sets, mae_random_masking, scipy_tree
 
 OPS = sorted(_schemas.SCHEMAS)
 BACKENDS = ("CPU", "CUDA")
@@ -195,33 +196,6 @@ def test_disabled_extension_falls_back_to_reference(tmp_path, gen):
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library.opcheck
-# --------------------------------------------------------------------------------------------
-
-
-def opcheck_cases(gen):
-    sim = torch.rand(3, 11, 11, generator=gen)
-    x = torch.randn(2, 20, 4, generator=gen)
-    return {
-        "linkage_tree": [(sim,), (torch.rand(1, 2, 2, generator=gen),), (sim.double().transpose(1, 2),)],
-        "hier_mask": [
-            (sim, torch.rand(3, 11, generator=gen), 0.75, 0.0),
-            (sim, torch.rand(3, 11, generator=gen), 0.4, 0.6),
-            (sim.half(), torch.rand(3, 11, generator=gen, dtype=torch.float64), 0.9, 1.0),
-        ],
-        "gmm_em": [(x, x[:, :3].clone(), 3, 1e-6), (x, x[:, :1].clone(), 0, 1e-3)],
-        "vmf_kmeans": [(x, x[:, :3].clone(), 3, 40.0), (x, x[:, :1].clone(), 0, 1.0)],
-    }
-
-
-@pytest.mark.parametrize("op", OPS)
-def test_opcheck(op, gen):
-    """torch.library.opcheck: schema, autograd registration, fake tensor, AOT dispatch."""
-    for args in opcheck_cases(gen)[op]:
-        torch.library.opcheck(op_packet(op).default, args)
-
-
-# --------------------------------------------------------------------------------------------
 # torch.compile (inductor: compiling a graph around the opaque op takes a few seconds on CPU)
 # --------------------------------------------------------------------------------------------
 
@@ -266,7 +240,7 @@ def test_compile_dynamic_wrappers_drawing_their_own_noise(fresh_dynamo, wrapper,
     """torch.compile(fullgraph=True, dynamic=True) of the wrappers without explicit noise (they
     draw it from torch's global RNG): several batch sizes, down to B = 1 and an empty batch, give
     bool masks with MAE's exact count per row."""
-    from conftest import masked_count
+    from oracles import masked_count
 
     if wrapper == "hier_mask":
         fn = lambda a: evomask_ext.hier_mask(a, 0.75, 0.3)  # noqa: E731

@@ -2,8 +2,8 @@
 CPU kernel, the CUDA kernel where a GPU is present, and the pure-PyTorch reference, each against
 an independent float64 transcription of the released ``EM`` (``model/models_mae_evolved_base.py``
 of ZhanzhouFeng/Evolved-Part-Masking) written below, and against each other; the released part
-rule; invariants on degenerate input; opcheck, torch.compile, empty batch, dtypes and layouts;
-bad input from every entry point.
+rule; invariants on degenerate input; torch.compile, empty batch, dtypes and layouts; bad input
+from every entry point (opcheck: tests/test_opcheck.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import evomask_ext
-from evomask_ext.vmf import reference_vmf_kmeans, released_parts
+from evomask_ext.epm_released import released_parts
+from evomask_ext.reference import vmf_kmeans as reference_vmf_kmeans
 
 from conftest import HAS_CUDA
 
@@ -207,7 +208,7 @@ def test_zero_points_give_uniform_resp_and_zero_means(gen):
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Registration, opcheck, torch.compile
+# 3. Registration, torch.compile (torch.library.opcheck: tests/test_opcheck.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -222,23 +223,6 @@ def test_refuses_inputs_that_require_grad(gen):
         torch.ops.evomask.vmf_kmeans(x.detach(), init.requires_grad_(), 3, 40.0)
     with torch.no_grad():
         assert not any(t.requires_grad for t in evomask_ext.vmf_kmeans(x, init))
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device, gen):
-    """torch.library.opcheck (schema, autograd registration, fake tensor, AOT dispatch): attention
-    columns, a strided float64 / a float16 input, K = 1 with no rounds, B = 0."""
-    x = attention(2, 16, gen, 4.0).transpose(1, 2).to(device)
-    init = torch.randn(2, 3, 16, generator=gen).to(device)
-    cases = [
-        (x, init, 3, 40.0),
-        (x.double(), init.double(), 2, 4.0),
-        (x.half(), init.half(), 1, 40.0),
-        (x, init[:, :1].clone(), 0, 40.0),
-        (x[:0], init[:0], 3, 40.0),
-    ]
-    for args in cases:
-        torch.library.opcheck(torch.ops.evomask.vmf_kmeans.default, args)
 
 
 def test_fake_kernel_shapes_on_meta():
