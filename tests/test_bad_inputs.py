@@ -4,10 +4,16 @@ included) with a clear error that names the argument, never a crash, a hang or g
 function that takes a batch gives an empty result of the right shape for B = 0.
 
 One table, one test. Each case is ``Bad(id, call, kwargs, error, match)``: ``call(**kwargs(gen))``
-must raise ``error`` with a message matching ``match``, a regex that names the argument. The ops'
-own tensor checks (``torch.ops.evomask.*``, their reference and the ``linkage_tree`` / ``hier_mask``
-/ ``gmm_em`` wrappers on bad ``sim`` / ``attn`` / ``noise`` / ``x`` / ``init_means``) are tabled in
-``tests/test_errors.py`` and not repeated here; this file covers everything above the ops.
+must raise ``error`` with a message matching ``match``, a regex that names the argument. The table
+starts with the ops' own checks, from every entry point (``torch.ops.evomask.*``, their reference
+and the ``linkage_tree`` / ``hier_mask`` / ``gmm_em`` wrappers on bad ``sim`` / ``attn`` /
+``noise`` / ``mask_ratio`` / ``progress`` / ``x`` / ``init_means``), then covers everything above
+the ops.
+
+One exception class per mistake, the same from every entry point and backend: a bad value
+(shape, dtype, device, NaN/Inf, a scalar out of range) is exactly a ValueError (the kernels'
+TORCH_CHECK_VALUE, the reference's and the wrappers' checks), a wrong Python type a TypeError
+(the one exception: the op's schema parser refuses a wrong scalar type with a RuntimeError).
 
 No second real device here: the ``meta`` device stands in for "another device" (a CPU tensor mixed
 with a meta tensor must be named, not computed with).
@@ -15,9 +21,11 @@ with a meta tensor must be named, not computed with).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
+import re
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,6 +39,8 @@ import evomask_ext
 from evomask_ext import EvolvedMasker, adapters, attention, epm, masking, reference, selective
 from evomask_ext.masking import STRATEGIES, MaskContext, build_strategy
 from evomask_ext.ops import ArgumentTypeError
+
+from oracles import assert_names_nearest_usable_ratio
 
 B, N, GRID = 2, 16, (4, 4)
 NAN, INF = math.nan, math.inf
@@ -177,10 +187,12 @@ class Bad:
     kwargs: Callable[[torch.Generator], dict]
     error: type[Exception]
     match: str
+    marks: tuple = ()
 
 
-def bad(id: str, call: Callable, kwargs: Callable[[torch.Generator], dict], error: type[Exception], match: str) -> Bad:
-    return Bad(id, call, kwargs, error, match)
+def bad(id: str, call: Callable, kwargs: Callable[[torch.Generator], dict], error: type[Exception], match: str,
+        marks: tuple = ()) -> Bad:
+    return Bad(id, call, kwargs, error, match, tuple(marks))
 
 
 def with_defaults(defaults: Callable[[torch.Generator], dict], **overrides: Any) -> Callable[[torch.Generator], dict]:
@@ -209,10 +221,12 @@ CASES: list[Bad] = []
 
 
 def table(call: Callable, defaults: Callable[[torch.Generator], dict], prefix: str,
-          rows: list[tuple[str, dict, type[Exception], str]]) -> None:
-    """Adds one case per row ``(id, overrides, error, match)`` against ``call`` with ``defaults``."""
-    for case_id, overrides, error, match in rows:
-        CASES.append(bad(f"{prefix}-{case_id}", call, with_defaults(defaults, **overrides), error, match))
+          rows: list[tuple]) -> None:
+    """Adds one case per row ``(id, overrides, error, match)`` against ``call`` with ``defaults``
+    (a fifth element, if any, holds the case's pytest marks)."""
+    for case_id, overrides, error, match, *marks in rows:
+        CASES.append(bad(f"{prefix}-{case_id}", call, with_defaults(defaults, **overrides), error, match,
+                         marks[0] if marks else ()))
 
 
 def int_rows(name: str, minimum: int, *, too_big: int | None = None, message: str | None = None,
@@ -248,6 +262,168 @@ def fraction_rows(name: str, *, open_interval: bool) -> list[tuple[str, dict, ty
     return rows
 
 
+# The ops' own checks, from every entry point ------------------------------------------------------
+# torch.ops.evomask.*, evomask_ext.reference and the wrappers refuse the same bad sim / attn /
+# noise / mask_ratio / progress, with the same exception class. Inputs of B = 3, N = 7.
+OP_B, OP_N = 3, 7
+CUDA_ONLY = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+
+
+@contextlib.contextmanager
+def raises_exactly(error: type[Exception], match: str):
+    """``pytest.raises(error, match=match)`` that also requires the class to be exactly ``error``."""
+    with pytest.raises(error, match=match) as info:
+        yield info
+    assert type(info.value) is error, f"{type(info.value).__mro__} raised, expected exactly {error.__name__}"
+
+
+# id -> (builder(g), regex after the argument's name): linkage_tree's `sim`, hier_mask's `attn`
+BAD_SIMILARITY: dict[str, tuple[Callable[[torch.Generator], torch.Tensor], str]] = {
+    "rank-2": (lambda g: torch.rand(OP_N, OP_N, generator=g), r"must be a \[B, N, N\] tensor"),
+    "rank-4": (lambda g: torch.rand(1, OP_B, OP_N, OP_N, generator=g), r"must be a \[B, N, N\] tensor"),
+    "rank-1": (lambda g: torch.rand(OP_N, generator=g), r"must be a \[B, N, N\] tensor"),
+    "non-square": (lambda g: torch.rand(OP_B, OP_N, OP_N - 1, generator=g), r"must be square"),
+    "N=1": (lambda g: torch.rand(OP_B, 1, 1, generator=g), r"needs at least N = 2"),
+    "N=0": (lambda g: torch.rand(OP_B, 0, 0, generator=g), r"needs at least N = 2"),
+    "NaN": (lambda g: poke(torch.rand(OP_B, OP_N, OP_N, generator=g), NAN), r"contains NaN or Inf"),
+    "+Inf": (lambda g: poke(torch.rand(OP_B, OP_N, OP_N, generator=g), INF), r"contains NaN or Inf"),
+    "-Inf-diagonal": (
+        lambda g: torch.rand(OP_B, OP_N, OP_N, generator=g).diagonal_scatter(torch.full((OP_B, OP_N), -INF), dim1=1, dim2=2),
+        r"contains NaN or Inf",
+    ),
+    "fp64-overflows-fp32": (
+        lambda g: poke(torch.rand(OP_B, OP_N, OP_N, generator=g, dtype=torch.float64), 1e300),
+        r"contains NaN or Inf",
+    ),
+    "int64": (lambda g: torch.randint(0, 5, (OP_B, OP_N, OP_N), generator=g), r"must be a floating-point tensor"),
+    "bool": (lambda g: torch.rand(OP_B, OP_N, OP_N, generator=g) > 0.5, r"must be a floating-point tensor"),
+}
+
+
+def linkage_op(sim):
+    return torch.ops.evomask.linkage_tree(sim)
+
+
+def linkage_reference(sim):
+    return reference.linkage_tree(sim)
+
+
+def linkage_wrapper(sim):
+    return evomask_ext.linkage_tree(sim)
+
+
+LINKAGE_TARGETS = {"op": linkage_op, "reference": linkage_reference, "wrapper": linkage_wrapper}
+
+
+def hier_op(attn, noise, mask_ratio, progress):
+    return torch.ops.evomask.hier_mask(attn, noise, mask_ratio, progress)
+
+
+def hier_reference(attn, noise, mask_ratio, progress):
+    return reference.hier_mask(attn, noise, mask_ratio, progress)
+
+
+def hier_wrapper(attn, noise, mask_ratio, progress):
+    return evomask_ext.hier_mask(attn, mask_ratio, progress, noise=noise)
+
+
+def hier_wrapper_drawn(attn, noise, mask_ratio, progress):
+    """The wrapper drawing its own noise (noise argument ignored)."""
+    return evomask_ext.hier_mask(attn, mask_ratio, progress, generator=torch.Generator().manual_seed(0))
+
+
+HIER_TARGETS = {"op": hier_op, "reference": hier_reference, "wrapper": hier_wrapper}
+OP_HIER = lambda g: dict(  # noqa: E731
+    attn=torch.rand(OP_B, OP_N, OP_N, generator=g), noise=torch.rand(OP_B, OP_N, generator=g), mask_ratio=0.75, progress=0.5
+)
+
+# linkage_tree: wrong rank, non-square, N < 2, non-finite, non-float -> ValueError naming sim.
+for _target, _fn in sorted(LINKAGE_TARGETS.items()):
+    table(_fn, lambda g: {}, f"linkage_tree[{_target}]", [
+        (f"sim-{case}", dict(sim=build), VE, r"^sim " + message) for case, (build, message) in sorted(BAD_SIMILARITY.items())
+    ])
+# hier_mask: the same attn errors, naming attn, ValueError from every entry point (the wrapper
+# drawing its own noise checks the rank itself, the rest is the op's).
+for _target, _fn in sorted({**HIER_TARGETS, "wrapper-drawn-noise": hier_wrapper_drawn}.items()):
+    table(_fn, OP_HIER, f"hier_mask[{_target}]", [
+        (f"attn-{case}", dict(attn=build), VE, r"^attn " + message) for case, (build, message) in sorted(BAD_SIMILARITY.items())
+    ])
+
+# hier_mask: bad noise (shape, dtype, values, device), mask_ratio outside (0, 1) and progress
+# outside [0, 1] raise a ValueError naming the argument, whichever entry point checks it.
+_RATIO_MESSAGE = r"^mask_ratio must be in the open interval \(0, 1\)"
+_PROGRESS_MESSAGE = r"^progress .*must be in \[0, 1\]"
+_NOISE_SHAPE = r"^noise must have shape \[B, N\]"
+BAD_HIER_ARGS: list[tuple] = [
+    ("noise-too-short", dict(noise=lambda g: torch.rand(OP_B, OP_N - 1, generator=g)), VE, _NOISE_SHAPE),
+    ("noise-too-many-rows", dict(noise=lambda g: torch.rand(OP_B + 1, OP_N, generator=g)), VE, _NOISE_SHAPE),
+    ("noise-1d", dict(noise=lambda g: torch.rand(OP_N, generator=g)), VE, _NOISE_SHAPE),
+    ("noise-3d", dict(noise=lambda g: torch.rand(OP_B, OP_N, 1, generator=g)), VE, _NOISE_SHAPE),
+    ("noise-transposed-shape", dict(noise=lambda g: torch.rand(OP_N, OP_B, generator=g)), VE, _NOISE_SHAPE),
+    ("noise-int64", dict(noise=lambda g: torch.randint(0, 9, (OP_B, OP_N), generator=g)), VE, r"^noise must be a floating-point"),
+    ("noise-bool", dict(noise=lambda g: torch.rand(OP_B, OP_N, generator=g) > 0.5), VE, r"^noise must be a floating-point"),
+    ("noise-NaN", dict(noise=lambda g: poke(torch.rand(OP_B, OP_N, generator=g), NAN)), VE, r"^noise contains NaN or Inf"),
+    ("noise-Inf", dict(noise=lambda g: poke(torch.rand(OP_B, OP_N, generator=g), INF)), VE, r"^noise contains NaN or Inf"),
+    ("noise-fp64-overflows-fp32", dict(noise=lambda g: poke(torch.rand(OP_B, OP_N, generator=g, dtype=torch.float64), -1e300)),
+     VE, r"^noise contains NaN or Inf"),
+    # No second device here: the meta device stands in for "another device than attn's".
+    ("noise-on-meta-device", dict(noise=lambda g: torch.rand(OP_B, OP_N, device="meta")), VE, r"^noise must be on the same device"),
+    ("noise-on-cuda-attn-on-cpu", dict(noise=lambda g: torch.rand(OP_B, OP_N, device="cuda")),
+     VE, r"^noise must be on the same device", CUDA_ONLY),
+    # CUDA attn with CPU noise: an error naming noise, not a kernel reading host memory.
+    ("attn-on-cuda-noise-on-cpu", dict(attn=lambda g: torch.rand(OP_B, OP_N, OP_N, generator=g).cuda()),
+     VE, r"^noise must be on the same device", CUDA_ONLY),
+    *[(f"mask_ratio-{v}", dict(mask_ratio=v), VE, _RATIO_MESSAGE) for v in [0.0, 1.0, -0.1, 1.5, NAN, INF]],
+    *[(f"progress-{v}", dict(progress=v), VE, _PROGRESS_MESSAGE) for v in [-0.1, 1.1, NAN, -INF]],
+]
+for _target, _fn in sorted(HIER_TARGETS.items()):
+    table(_fn, OP_HIER, f"hier_mask[{_target}]", BAD_HIER_ARGS)
+# The op's schema itself rejects a string mask_ratio, naming mask_ratio: torch's argument parser
+# raises RuntimeError before any evomask code runs (the one exception to the family rule; the
+# wrapper raises TypeError for it, the hier_mask-mask_ratio-str row below).
+table(hier_op, OP_HIER, "hier_mask[op]", [("mask_ratio-str-schema", dict(mask_ratio="0.75"), RuntimeError, "mask_ratio")])
+
+# The wrappers: wrong Python types -> TypeError naming the argument.
+table(evomask_ext.hier_mask, lambda g: dict(attn=torch.rand(OP_B, OP_N, OP_N, generator=g), mask_ratio=0.75, progress=0.5,
+                                            noise=torch.rand(OP_B, OP_N, generator=g)), "hier_mask", [
+    ("attn-list", dict(attn=[[[0.0, 1.0], [1.0, 0.0]]]), TE, r"^attn must be a torch\.Tensor"),
+    ("attn-ndarray", dict(attn=np.zeros((1, 2, 2), dtype=np.float32)), TE, r"^attn must be a torch\.Tensor"),
+    ("noise-list", dict(noise=[[0.1] * OP_N] * OP_B), TE, r"^noise must be a torch\.Tensor"),
+    ("noise-ndarray", dict(noise=np.zeros((OP_B, OP_N), dtype=np.float32)), TE, r"^noise must be a torch\.Tensor"),
+    ("mask_ratio-str", dict(mask_ratio="0.75"), TE, r"^mask_ratio must be a float"),
+    ("mask_ratio-None", dict(mask_ratio=None), TE, r"^mask_ratio must be a float"),
+    ("mask_ratio-bool", dict(mask_ratio=True), TE, r"^mask_ratio must be a float"),
+    ("mask_ratio-tensor", dict(mask_ratio=torch.tensor(0.5)), TE, r"^mask_ratio must be a float"),
+    ("progress-str", dict(progress="0.5"), TE, r"^progress must be a float"),
+    ("progress-bool", dict(progress=False), TE, r"^progress must be a float"),
+])
+table(evomask_ext.linkage_tree, lambda g: {}, "linkage_tree", [
+    ("attn-list", dict(attn=[[[0.0, 1.0], [1.0, 0.0]]]), TE, r"must be a torch\.Tensor"),
+])
+
+
+def op_gmm_inputs(g: torch.Generator, n: int = 12, d: int = 3, k: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(OP_B, n, d, generator=g)
+    return x, x[:, :k].clone()
+
+
+def gmm_op(x, init_means):
+    return torch.ops.evomask.gmm_em(x, init_means, 3, 1e-6)
+
+
+# torch.ops.evomask.gmm_em rejects malformed x / init_means with a message naming them.
+for _case_id, _make, _match in [
+    ("x-rank-2", lambda x, m: (x[0], m), r"^x must be a \[B, N, D\]"),
+    ("means-wrong-D", lambda x, m: (x, m[..., :-1]), r"^init_means must be \[B, K, D\]"),
+    ("means-wrong-B", lambda x, m: (x, m[:1]), r"^init_means must be \[B, K, D\]"),
+    ("x-NaN", lambda x, m: (poke(x, NAN), m), r"^x contains NaN or Inf"),
+    ("means-Inf", lambda x, m: (x, poke(m, INF)), r"^init_means contains NaN or Inf"),
+    ("K=0", lambda x, m: (x, m[:, :0]), r"^init_means needs at least K = 1"),
+]:
+    CASES.append(bad(f"gmm_em[op]-{_case_id}", gmm_op,
+                     lambda g, make=_make: dict(zip(("x", "init_means"), make(*op_gmm_inputs(g)))), VE, _match))
+
+
 # draw_noise -----------------------------------------------------------------------------------
 table(evomask_ext.draw_noise, lambda g: dict(batch=B, num_patches=N, device="cpu"), "draw_noise", [
     *int_rows("batch", 0),
@@ -259,7 +435,7 @@ table(evomask_ext.draw_noise, lambda g: dict(batch=B, num_patches=N, device="cpu
     ("generator-int", dict(generator=0), TE, r"^generator must be a torch\.Generator"),
 ])
 
-# hier_mask / linkage_tree wrappers (tensor checks: tests/test_errors.py) -----------------------
+# hier_mask / linkage_tree wrappers (their tensor checks: the ops' section above) ---------------
 table(evomask_ext.hier_mask, lambda g: dict(attn=attn_of(g)), "hier_mask", [
     ("generator-str", dict(generator="seed"), TE, r"^generator must be a torch\.Generator"),
     ("attn-on-meta-noise-on-cpu", dict(attn=lambda g: meta(attn_of(g)), noise=noise_of),
@@ -307,7 +483,7 @@ table(evomask_ext.group_labels, lambda g: dict(tree=tree_of(g), depth=2), "group
     *int_rows("depth", 1),
 ])
 
-# gmm_em wrapper scalars and types (tensor shapes/values: tests/test_errors.py) -------------------
+# gmm_em wrapper scalars and types (the op's tensor checks: the ops' section above) ---------------
 GMM = lambda g: dict(x=torch.randn(B, 12, 3, generator=g), init_means=torch.randn(B, 2, 3, generator=g))  # noqa: E731
 table(evomask_ext.gmm_em, GMM, "gmm_em", [
     ("x-list", dict(x=[[[0.0]]]), TE, r"^x must be a torch\.Tensor"),
@@ -326,7 +502,10 @@ table(evomask_ext.gmm_em, GMM, "gmm_em", [
      VE, r"^init_means contains NaN or Inf"),
     *int_rows("num_iters", 0, too_big=1001, message=r"^num_iters must be an int in \[0, 1000\] \(the EM loop runs in one uninterruptible op call\)"),
     ("num_iters-ten-million", dict(num_iters=10**7), VE, r"^num_iters must be an int in \[0, 1000\] .*, got 10000000$"),
+    ("num_iters-2.5", dict(num_iters=2.5), TE, r"^num_iters"),
     ("reg_covar-inf", dict(reg_covar=INF), VE, r"^reg_covar must be a finite float > 0, got inf"),
+    ("reg_covar-negative", dict(reg_covar=-1e-6), VE, r"^reg_covar"),
+    ("reg_covar-NaN", dict(reg_covar=NAN), VE, r"^reg_covar"),
     ("reg_covar-0", dict(reg_covar=0.0), VE, r"^reg_covar must be a finite float > 0, got 0"),
     ("reg_covar--inf", dict(reg_covar=-INF), VE, r"^reg_covar must be a finite float > 0"),
     ("reg_covar-str", dict(reg_covar="1e-6"), TE, r"^reg_covar must be a finite float > 0"),
@@ -791,7 +970,7 @@ def test_case_ids_are_unique():
     assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+@pytest.mark.parametrize("case", [pytest.param(case, marks=case.marks, id=case.id) for case in CASES])
 def test_bad_input_is_named(case: Bad, gen):
     """Each bad call raises the expected error type with a message naming the argument."""
     kwargs = case.kwargs(gen)
@@ -805,6 +984,46 @@ def test_bad_input_is_named(case: Bad, gen):
         assert type(info.value) is ValueError, type(info.value).__mro__
     elif case.error is TypeError and type(info.value) is not TypeError:
         assert isinstance(info.value, ValueError) and isinstance(info.value, ArgumentTypeError)
+
+
+# Ratios in (0, 1) that MAE's count N - int(N * (1 - r)) turns into no masked patch, or no kept
+# one, of N = 7: 1 - r rounds to 1 (tiny r), or int(7 * (1 - r)) = 0 (r > 6 / 7).
+UNUSABLE_RATIOS = {
+    "1e-17": 1e-17,
+    "denormal": 5e-324,
+    "0.9": 0.9,
+    "just-below-1": math.nextafter(1.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNUSABLE_RATIOS))
+def test_hier_mask_refuses_a_ratio_that_masks_or_keeps_nothing(case, gen):
+    """A mask_ratio that masks no patch (or keeps none) of N is refused, not turned into an
+    unmasked (or fully masked) batch: exactly a ValueError with the same message from the op, the
+    reference and the wrapper (its own noise or given noise), naming the nearest usable ratio."""
+    ratio = UNUSABLE_RATIOS[case]
+    attn, noise = torch.rand(OP_B, OP_N, OP_N, generator=gen), torch.rand(OP_B, OP_N, generator=gen)
+    messages = {}
+    for target, fn in {**HIER_TARGETS, "wrapper-drawn-noise": hier_wrapper_drawn}.items():
+        with raises_exactly(ValueError, rf"^mask_ratio = {re.escape(repr(ratio))} (masks|keeps) no patch of N = {OP_N} ") as info:
+            fn(attn, noise, ratio, 0.5)
+        messages[target] = str(info.value)
+    assert len(set(messages.values())) == 1, messages
+    assert_names_nearest_usable_ratio(messages["op"], OP_N)
+
+
+@pytest.mark.parametrize("n", [2, 3, 7, 16, 50])
+def test_the_named_ratios_are_usable(n, gen):
+    """The ratios the messages name work: the smallest masks exactly one patch, the largest keeps
+    exactly one, on the op and the reference."""
+    attn, noise = torch.rand(2, n, n, generator=gen), torch.rand(2, n, generator=gen)
+    for refused, want in ((1e-300, 1), (math.nextafter(1.0, 0.0), n - 1)):
+        with raises_exactly(ValueError, r"^mask_ratio") as info:
+            torch.ops.evomask.hier_mask(attn, noise, refused, 0.0)
+        assert_names_nearest_usable_ratio(str(info.value), n)
+        bound = float(str(info.value).rsplit(" ", 1)[1])
+        for fn in (torch.ops.evomask.hier_mask, reference.hier_mask):
+            assert fn(attn, noise, bound, 0.0).sum(1).tolist() == [want, want]
 
 
 # --------------------------------------------------------------------------------------------

@@ -552,7 +552,7 @@ def test_batch_items_are_independent(gen):
 
 
 # --------------------------------------------------------------------------------------------
-# 8. Bad input (only what tests/test_errors.py does not already cover)
+# 8. Bad input (only what tests/test_bad_inputs.py does not already cover)
 # --------------------------------------------------------------------------------------------
 
 _B, _N, _D, _K = 3, 12, 4, 2
@@ -603,8 +603,8 @@ BAD_GMM_TENSORS = {
     "means-on-meta-device": (lambda g: (_x(g), _init(g).to("meta")), r"^init_means must be on x's device"),
 }
 
-# (case, target) pairs tests/test_errors.py::test_gmm_em_op_rejects_bad_tensors already covers.
-_COVERED_IN_TEST_ERRORS = {
+# (case, target) pairs tests/test_bad_inputs.py already covers (its gmm_em[op]-<case> rows).
+_COVERED_IN_TEST_BAD_INPUTS = {
     (c, "op") for c in ("x-rank-2", "means-wrong-D", "means-wrong-B", "x-NaN", "means-Inf", "K=0")
 }
 
@@ -617,7 +617,7 @@ GMM_TARGETS = {
 
 @pytest.mark.parametrize(
     "case,target",
-    [(c, t) for c in sorted(BAD_GMM_TENSORS) for t in sorted(GMM_TARGETS) if (c, t) not in _COVERED_IN_TEST_ERRORS],
+    [(c, t) for c in sorted(BAD_GMM_TENSORS) for t in sorted(GMM_TARGETS) if (c, t) not in _COVERED_IN_TEST_BAD_INPUTS],
 )
 def test_rejects_bad_tensors(case, target, gen):
     """Malformed x / init_means (rank, shapes, empty N/K/D, dtype, NaN/Inf also after float32
