@@ -60,8 +60,8 @@ fi
 
 if [[ " $STEPS " == *" diag "* ]]; then
   # How a failing op check surfaces on this machine's torch (a segfault was seen here once).
-  $PY bench/diag_errors.py 2>&1 | tee "$LOGS/diag.log"
-  if ! $PY bench/diag_errors.py >/dev/null 2>&1 && command -v cuda-gdb >/dev/null; then
+  $PY bench/gpu/diag_errors.py 2>&1 | tee "$LOGS/diag.log"
+  if ! $PY bench/gpu/diag_errors.py >/dev/null 2>&1 && command -v cuda-gdb >/dev/null; then
     timeout 120 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY -c \
       "import torch, evomask_ext; torch.ops.evomask.linkage_tree(torch.rand(4, 4))" >"$LOGS/gdb.log" 2>&1
     grep -E "^#|signal" "$LOGS/gdb.log" | head -40
@@ -91,7 +91,7 @@ fi
 if [[ " $STEPS " == *" sanitize "* ]]; then
   for tool in memcheck racecheck initcheck synccheck; do
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-150} compute-sanitizer --tool $tool --error-exitcode 9 \
-      $PY bench/cuda_smoke.py >"$LOGS/sanitizer-$tool.log" 2>&1
+      $PY bench/gpu/cuda_smoke.py >"$LOGS/sanitizer-$tool.log" 2>&1
     rc=$?; echo "compute-sanitizer $tool rc=$rc: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOGS/sanitizer-$tool.log" | tail -1)"
     [ $rc -eq 0 ] || { status=1; tail -30 "$LOGS/sanitizer-$tool.log"; }
   done
@@ -102,10 +102,10 @@ if [[ " $STEPS " == *" profile "* ]] && [ -f bench/profile_step.py ]; then
   rc=$?; tail -20 "$LOGS/profile.log"; echo "profile rc=$rc"; [ $rc -eq 0 ] || status=1
 fi
 if [[ " $STEPS " == *" ncu "* ]] && command -v ncu >/dev/null; then
-  # Nsight Compute on one launch of each hot kernel (bench/ncu_target.py): speed of light,
+  # Nsight Compute on one launch of each hot kernel (bench/gpu/ncu_target.py): speed of light,
   # occupancy and launch figures; the full report comes back in logs.tgz.
   timeout ${NCU_TIMEOUT:-300} ncu --section SpeedOfLight --section Occupancy --section LaunchStats \
-    --section MemoryWorkloadAnalysis -k "regex:linkage_tree_kernel|tree_warp_kernel|select_kernel|gmm_em_kernel" $PY bench/ncu_target.py >"$LOGS/ncu.log" 2>&1
+    --section MemoryWorkloadAnalysis -k "regex:linkage_tree_kernel|tree_warp_kernel|select_kernel|gmm_em_kernel" $PY bench/gpu/ncu_target.py >"$LOGS/ncu.log" 2>&1
   rc=$?; grep -E "^  [a-z_].*\(|Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Shared Memory Config|Block Size|Grid Size" \
     "$LOGS/ncu.log" | tee "$OUT/ncu.txt"; echo "ncu rc=$rc"; [ $rc -eq 0 ] || status=1
 fi

@@ -4,7 +4,7 @@ Meant to run under ``compute-sanitizer`` (memcheck, racecheck, initcheck, syncch
 the work small; set ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` so that memcheck sees each allocation's
 real bounds. Exits non-zero on the first disagreement.
 
-    compute-sanitizer --tool memcheck python3 bench/cuda_smoke.py
+    compute-sanitizer --tool memcheck python3 bench/gpu/cuda_smoke.py
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 ``EVOMASK_CUDA_TREE=warp``) and selection of ``hier_mask`` and the EM of ``gmm_em`` at B = 256, N = 196 (K = 40, 10 iterations), each launched exactly
 once after the inputs are made, so ncu's report holds one row per kernel.
 
-    ncu --set basic python bench/ncu_target.py
+    ncu --set basic python bench/gpu/ncu_target.py
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# bench/ (the folder above this one) holds bench_ops.py, whose attention_like this script reuses.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import evomask_ext  # noqa: E402,F401  (registers the ops)
 from bench_ops import attention_like  # noqa: E402
