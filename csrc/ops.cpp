@@ -4,6 +4,11 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(evomask, m) {
+  // The ops' fake (meta) kernels are registered in Python, by evomask_ext._fake (imported by
+  // `import evomask_ext`). Named here, before the defs it applies to, so that tracing an op with
+  // fake tensors without that import says which module to import, and so that torch checks
+  // that the fake kernels come from that module.
+  m.set_python_module("evomask_ext._fake");
   // Average-linkage agglomerative tree on a similarity matrix (EHM Eq. 7-10).
   m.def("linkage_tree(Tensor sim) -> (Tensor children, Tensor heights, Tensor levels, Tensor sizes)",
         {at::Tag::pt2_compliant_tag});
