@@ -18,6 +18,10 @@
 
 #include "hier_select.h"
 
+#if defined(CPU_CAPABILITY)
+#error "checks.h includes torch: not for the cpu/isa sources, compiled once per CPU capability (cpu/isa/kernels.h)"
+#endif
+
 namespace evomask {
 
 // Whether every value of a float32 tensor is finite. On the CPU a bit test over the exponent
@@ -78,7 +82,7 @@ inline std::string shortest_text(double value) {
 // The smallest double r with masked_count(n, r) >= 1: not every r > 0, since 1 - r rounds to 1
 // below ~1.1e-16 and n * (1 - r) may round back up to n. The count only grows with r, and
 // positive doubles sort like their bit patterns, so bisect those in (0, 0.5]. Same as the
-// Python side's smallest_masking_ratio (evomask_ext/_checks.py).
+// Python side's smallest_masking_ratio (src/evomask_ext/_checks.py).
 inline double smallest_masking_ratio(int64_t n) {
   int64_t lo = 0, hi = detail::bits_of_double(0.5);  // masks none at lo, at least one at hi
   while (hi - lo > 1) {
@@ -138,15 +142,19 @@ inline at::Tensor check_hier_mask_args(const at::Tensor& attn, const at::Tensor&
 // (evomask_ext._checks.MAX_EM_ITERS) and message.
 constexpr int64_t kMaxEmIters = 1000;
 
-// Validates gmm_em's arguments (x [B, N, D], init_means [B, K, D]); returns both as contiguous
-// float32. Non-finite values are rejected here so that no kernel ever sees them.
-inline std::pair<at::Tensor, at::Tensor> check_gmm_em_args(const at::Tensor& x, const at::Tensor& init_means,
-                                                           int64_t num_iters, double reg_covar) {
+// The most E/M rounds one vmf_kmeans call may run: the loop runs inside one op call, which Ctrl-C
+// cannot interrupt. The same bound as gmm_em's (1000, ~67x the released code's 15); the Python
+// side has the same bound and message (evomask_ext.vmf.MAX_VMF_ITERS).
+constexpr int64_t kMaxVmfIters = 1000;
+
+// The checks gmm_em and vmf_kmeans share, of points x [B, N, D] and start means init_means
+// [B, K, D]; `mean_noun` names one of the K ("component", "mean").
+inline void check_points_and_means(const at::Tensor& x, const at::Tensor& init_means, const char* mean_noun) {
   TORCH_CHECK_VALUE(x.dim() == 3, "x must be a [B, N, D] tensor, got shape ", x.sizes());
   TORCH_CHECK_VALUE(init_means.dim() == 3 && init_means.size(0) == x.size(0) && init_means.size(2) == x.size(2),
                     "init_means must be [B, K, D] = [", x.size(0), ", K, ", x.size(2), "], got shape ",
                     init_means.sizes());
-  TORCH_CHECK_VALUE(init_means.size(1) >= 1, "init_means needs at least K = 1 component");
+  TORCH_CHECK_VALUE(init_means.size(1) >= 1, "init_means needs at least K = 1 ", mean_noun);
   TORCH_CHECK_VALUE(x.size(1) >= 1, "x needs at least N = 1 point");
   TORCH_CHECK_VALUE(x.size(2) >= 1, "x needs at least D = 1 dimension");
   TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()) && at::isFloatingType(init_means.scalar_type()),
@@ -154,17 +162,39 @@ inline std::pair<at::Tensor, at::Tensor> check_gmm_em_args(const at::Tensor& x, 
                     init_means.scalar_type());
   TORCH_CHECK_VALUE(init_means.device() == x.device(), "init_means must be on x's device (", x.device(), "), got ",
                     init_means.device());
+}
+
+// x and init_means as contiguous float32. Non-finite values are rejected here so that no kernel
+// ever sees them.
+inline std::pair<at::Tensor, at::Tensor> points_and_means_as_float(const at::Tensor& x, const at::Tensor& init_means) {
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor mf = init_means.to(at::kFloat).contiguous();
+  TORCH_CHECK_VALUE(all_finite(xf), "x contains NaN or Inf values (after conversion to float32)");
+  TORCH_CHECK_VALUE(all_finite(mf), "init_means contains NaN or Inf values (after conversion to float32)");
+  return {xf, mf};
+}
+
+// Validates gmm_em's arguments (x [B, N, D], init_means [B, K, D]); returns both as contiguous
+// float32.
+inline std::pair<at::Tensor, at::Tensor> check_gmm_em_args(const at::Tensor& x, const at::Tensor& init_means,
+                                                           int64_t num_iters, double reg_covar) {
+  check_points_and_means(x, init_means, "component");
   TORCH_CHECK_VALUE(num_iters >= 0 && num_iters <= kMaxEmIters, "num_iters must be an int in [0, ", kMaxEmIters,
                     "] (the EM loop runs in one uninterruptible op call), got ", num_iters);
   TORCH_CHECK_VALUE(reg_covar > 0.0 && std::isfinite(reg_covar), "reg_covar must be a finite float > 0, got ",
                     reg_covar);
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::Tensor mf = init_means.to(at::kFloat).contiguous();
-  TORCH_CHECK_VALUE(all_finite(xf),
-                    "x contains NaN or Inf values (after conversion to float32)");
-  TORCH_CHECK_VALUE(all_finite(mf),
-                    "init_means contains NaN or Inf values (after conversion to float32)");
-  return {xf, mf};
+  return points_and_means_as_float(x, init_means);
+}
+
+// Validates vmf_kmeans's arguments (x [B, N, D], init_means [B, K, D]); returns both as contiguous
+// float32.
+inline std::pair<at::Tensor, at::Tensor> check_vmf_kmeans_args(const at::Tensor& x, const at::Tensor& init_means,
+                                                               int64_t num_iters, double kappa) {
+  check_points_and_means(x, init_means, "mean");
+  TORCH_CHECK_VALUE(num_iters >= 0 && num_iters <= kMaxVmfIters, "num_iters must be an int in [0, ", kMaxVmfIters,
+                    "] (the loop runs in one uninterruptible op call), got ", num_iters);
+  TORCH_CHECK_VALUE(kappa > 0.0 && std::isfinite(kappa), "kappa must be a finite float > 0, got ", kappa);
+  return points_and_means_as_float(x, init_means);
 }
 
 // linkage_tree's outputs for a float32 [B, N, N] similarity, uninitialised: children [B, N-1, 2],
@@ -185,6 +215,14 @@ inline GmmOutputs empty_gmm_em_outputs(const at::Tensor& x, int64_t k) {
   const auto opts = x.options().dtype(at::kFloat);
   return {at::empty({batch, n, k}, opts), at::empty({batch, k, d}, opts), at::empty({batch, k, d}, opts),
           at::empty({batch, k}, opts), at::empty({batch}, opts)};
+}
+
+// vmf_kmeans's outputs, uninitialised: resp [B, N, K] and means [B, K, D], float32 on x's device.
+using VmfOutputs = std::tuple<at::Tensor, at::Tensor>;
+inline VmfOutputs empty_vmf_kmeans_outputs(const at::Tensor& x, int64_t k) {
+  const int64_t batch = x.size(0), n = x.size(1), d = x.size(2);
+  const auto opts = x.options().dtype(at::kFloat);
+  return {at::empty({batch, n, k}, opts), at::empty({batch, k, d}, opts)};
 }
 
 }  // namespace evomask

@@ -8,6 +8,12 @@
 #include <cmath>
 #include <cstdint>
 
+// Its inline functions are not capability-namespaced like linkage.h's: keep it out of the cpu/isa
+// sources (cpu/isa/kernels.h).
+#if defined(CPU_CAPABILITY)
+#error "hier_select.h is not for the cpu/isa sources, compiled once per CPU capability"
+#endif
+
 namespace evomask {
 
 // MAE's rule: every image keeps int(N * (1 - r)) patches, so the masked count is the rest.

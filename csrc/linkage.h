@@ -7,6 +7,13 @@
 #include <cstdint>
 
 namespace evomask {
+// The cpu/isa sources, compiled once per CPU capability with its instruction set, include this
+// header too (cpu/isa/kernels.h). There its functions go into an inline namespace named after the
+// capability: each build's copy has its own symbol, so the linker cannot merge an AVX2 copy with
+// the one the baseline code (or the CUDA host code) calls. Callers write evomask::half_sum either way.
+#if defined(CPU_CAPABILITY)
+inline namespace CPU_CAPABILITY {
+#endif
 
 // Lance-Williams update for average linkage (EHM Eq. 9):
 //   S(i u j, k) = (n_i S(i, k) + n_j S(j, k)) / (n_i + n_j).
@@ -43,4 +50,7 @@ C10_HOST_DEVICE inline void nearest_neighbour(const float* row, const uint8_t* a
   *nn_sim = best_sim;
 }
 
+#if defined(CPU_CAPABILITY)
+}  // inline namespace CPU_CAPABILITY
+#endif
 }  // namespace evomask

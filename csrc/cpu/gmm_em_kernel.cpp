@@ -1,57 +1,46 @@
 // CPU kernel of evomask::gmm_em: one diagonal Gaussian mixture per batch item, items in parallel.
-// The fitter (gmm_fitter_body.inc) is compiled for the baseline target and for AVX2 + FMA;
+// The fitter (cpu/isa/gmm_fit.cpp) is compiled for the baseline target and for AVX2 + FMA;
 // the faster one the CPU supports runs (EVOMASK_CPU_ISA=baseline forces the baseline).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cfloat>
-#include <cmath>
-#include <cstring>
+#include <cstdint>
 #include <vector>
 
 #include "checks.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/isa/kernels.h"
 
 namespace evomask::cpu {
 namespace {
 
-// One batch's pointers and sizes, shared by every thread.
-struct FitArgs {
-  int64_t n, d, k, iters;
-  double reg;
-  const float* x;
-  const float* init;
-  float *resp, *means, *variances, *weights, *log_likelihood;
+// One thread's fitter workspace (cpu/isa/kernels.h), zero-filled, reused from item to item.
+class GmmBuffers {
+ public:
+  GmmBuffers(int64_t n, int64_t d, int64_t k)
+      : dp_((d + kGmmPad - 1) / kGmmPad * kGmmPad), kp_((k + kGmmPad - 1) / kGmmPad * kGmmPad), x_(n * dp_),
+        mu_(k * dp_), var_(k * dp_), sum_(k * dp_), mu_t_(d * kp_), prec_t_(d * kp_), log_norm_(k), log_w_(k),
+        mass_(k), resp_(n * kp_), dist_(2 * kp_), col_mean_(dp_), col_sq_(dp_) {}
+
+  GmmWorkspace view() {
+    return {dp_, kp_, x_.data(), mu_.data(), var_.data(), sum_.data(), mu_t_.data(), prec_t_.data(),
+            log_norm_.data(), log_w_.data(), mass_.data(), resp_.data(), dist_.data(), col_mean_.data(),
+            col_sq_.data()};
+  }
+
+ private:
+  int64_t dp_, kp_;
+  std::vector<double> x_, mu_, var_, sum_, mu_t_, prec_t_, log_norm_, log_w_, mass_, resp_, dist_, col_mean_, col_sq_;
 };
 
-// The 32-byte vector type of the fitter crosses no ABI boundary (its helpers are inlined), so
-// GCC's note that it would be passed differently without AVX does not apply.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-namespace baseline {
-#include "cpu/gmm_fitter_body.inc"
-}  // namespace baseline
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define EVOMASK_GMM_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "cpu/gmm_fitter_body.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
-#pragma GCC diagnostic pop
-
-using FitFn = void (*)(int64_t, int64_t, const FitArgs&);
+using FitFn = void (*)(int64_t, int64_t, const GmmArgs&, const GmmWorkspace&);
 
 FitFn pick_fit() {
-#ifdef EVOMASK_GMM_AVX2
-  if (use_avx2(/*with_fma=*/true)) return &avx2::fit_items;
+#ifdef EVOMASK_CPU_AVX2
+  if (use_avx2()) return &avx2::fit_gmm_items;
 #endif
-  return &baseline::fit_items;
+  return &baseline::fit_gmm_items;
 }
 
 GmmOutputs gmm_em_cpu(const at::Tensor& x, const at::Tensor& init_means, int64_t num_iters, double reg_covar) {
@@ -68,8 +57,11 @@ GmmOutputs gmm_em_cpu(const at::Tensor& x, const at::Tensor& init_means, int64_t
   float* w_ptr = weights.mutable_data_ptr<float>();
   float* ll_ptr = log_likelihood.mutable_data_ptr<float>();
   static const FitFn fit_items = pick_fit();
-  const FitArgs args{n, d, k, num_iters, reg_covar, x_ptr, init_ptr, resp_ptr, means_ptr, var_ptr, w_ptr, ll_ptr};
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) { fit_items(begin, end, args); });
+  const GmmArgs args{n, d, k, num_iters, reg_covar, x_ptr, init_ptr, resp_ptr, means_ptr, var_ptr, w_ptr, ll_ptr};
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    GmmBuffers buffers(n, d, k);
+    fit_items(begin, end, args, buffers.view());
+  });
   return out;
 }
 

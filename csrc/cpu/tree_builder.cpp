@@ -1,16 +1,9 @@
 #include "cpu/tree_builder.h"
 
-#include <algorithm>
-#include <cstdlib>
-#include <cstring>
-#include <limits>
-
-#if defined(__x86_64__) || defined(__SSE2__)
-#include <immintrin.h>
-#endif
+#include <cstdint>
 
 #include "cpu/cpu_isa.h"
-#include "linkage.h"
+#include "cpu/isa/kernels.h"
 
 // Generic agglomeration with cached row maxima (Muellner 2011, "Modern hierarchical,
 // agglomerative clustering algorithms", the "generic" algorithm), on the upper triangle:
@@ -28,40 +21,17 @@
 // compaction (below) only renumbers slots in order, so every cluster-to-cluster value is computed
 // from the same operands as in the reference and stays bitwise identical across backends.
 //
-// The body is vectorised with compiler vector extensions and compiled twice: for the baseline
-// target (SSE2 on x86-64) and, on x86-64 with GCC, for AVX2, picked at run time from the CPU.
+// The build itself (cpu/isa/tree_build.cpp) is vectorised with compiler vector extensions and
+// compiled once per CPU capability: baseline (SSE2 on x86-64) and, on x86-64 with GCC or Clang,
+// AVX2, picked at run time from the CPU (cpu/cpu_isa.h).
 namespace evomask::cpu {
-
-// The 32-byte vector types cross no ABI boundary (everything below is inlined into build_tree),
-// so GCC's note that they would be passed differently without AVX does not apply.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-namespace baseline {
-constexpr int32_t kLanes = 4;  // SSE2
-#include "cpu/tree_builder_body.inc"
-}  // namespace baseline
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define EVOMASK_TREE_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2")
-#define EVOMASK_TREE_BODY_AVX2 1
-namespace avx2 {
-constexpr int32_t kLanes = 8;
-#include "cpu/tree_builder_body.inc"
-}  // namespace avx2
-#undef EVOMASK_TREE_BODY_AVX2
-#pragma GCC pop_options
-#endif
-#pragma GCC diagnostic pop
-
 namespace {
 
-using BuildFn = void (*)(const float*, int64_t, int64_t, const Workspace&, int64_t*, float*, int64_t*, int64_t*);
+using BuildFn = void (*)(const float*, int64_t, int64_t, const TreeWorkspace&, int64_t*, float*, int64_t*, int64_t*);
 
 BuildFn pick_build() {
-#ifdef EVOMASK_TREE_AVX2
-  if (use_avx2(/*with_fma=*/false)) return &avx2::build_tree;
+#ifdef EVOMASK_CPU_AVX2
+  if (use_avx2()) return &avx2::build_tree;
 #endif
   return &baseline::build_tree;
 }
@@ -86,7 +56,7 @@ void TreeBuilder::build(const float* sim, int64_t n, int64_t* children, float* h
   size_.resize(ld);
   node_.resize(ld);
   level_.resize(ld);
-  const Workspace ws{matrix_.data(), nn_sim_.data(), nn_.data(), active_.data(), alive_.data(),
+  const TreeWorkspace ws{matrix_.data(), nn_sim_.data(), nn_.data(), active_.data(), alive_.data(),
                      rank_.data(), block_max_.data(), size_.data(), node_.data(), level_.data()};
   build_tree(sim, n, ld, ws, children, heights, levels, sizes);
 }

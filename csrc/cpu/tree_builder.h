@@ -6,21 +6,9 @@
 #include <cstdint>
 #include <vector>
 
-namespace evomask::cpu {
+#include "cpu/isa/kernels.h"
 
-// Raw views of a TreeBuilder's buffers, handed to the vectorised build (tree_builder_body.inc).
-struct Workspace {
-  float* matrix;    // [n, ld] current cluster-to-cluster similarities, slot indexed
-  float* nn_sim;    // [ld] per row: upper bound of its upper-triangle maximum (exact if nn >= 0)
-  int32_t* nn;      // [ld] per row: first argmax of its upper triangle, or -1 when stale
-  int32_t* active;  // [ld] -1 for an active slot, 0 otherwise (a lane mask)
-  int32_t* alive;   // [ld] scratch for compaction: the active slots, increasing
-  int32_t* rank;    // [ld] scratch for compaction: new slot of each active slot
-  float* block_max; // [ld] max of nn_sim over blocks of kLanes rows (the vector width)
-  int64_t* size;    // [ld] leaves in the cluster held by each slot
-  int64_t* node;    // [ld] tree node id held by each slot
-  int64_t* level;   // [ld] EHM Eq. 10 level of each slot's node
-};
+namespace evomask::cpu {
 
 class TreeBuilder {
  public:

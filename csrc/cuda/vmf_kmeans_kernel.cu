@@ -5,8 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "cuda/vmf_kmeans_kernel.cuh"
-#include "vmf_kmeans_checks.h"
 
 namespace evomask::cuda {
 namespace {

@@ -22,7 +22,7 @@ namespace {
 
 constexpr int kVmfThreads = 256;
 constexpr int kVmfWarps = kVmfThreads / 32;
-// The released code's guard in l2norm and in the M-step's division (csrc/vmf_kmeans_checks.h).
+// The released code's guard in l2norm and in the M-step's division (kVmfEps, csrc/cpu/isa/vmf_fit.cpp).
 constexpr double kVmfGuard = 1e-6;
 
 struct VmfDims {

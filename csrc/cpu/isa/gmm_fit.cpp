@@ -1,17 +1,42 @@
-// Body of the CPU gmm_em fitter, included twice by gmm_em_kernel.cpp: once for the baseline
-// target (SSE2 on x86-64) and once, on x86-64 with GCC, for AVX2 + FMA, each in its own
-// namespace; the kernel picks one at run time from the CPU. No include guard on purpose.
+// The CPU gmm_em fitter, compiled once per CPU capability (cpu/isa/kernels.h): baseline (SSE2 on
+// x86-64) and AVX2 + FMA; the dispatcher (cpu/gmm_em_kernel.cpp) picks one at run time.
 //
 // All arithmetic is float64 (inputs are float32): attention rows have means ~1/N and tiny spreads,
 // so the squared distances and the variances need the headroom, and float64 keeps the kernel
 // within rounding of scikit-learn, the oracle. The distance and moment sums are register-blocked
 // with GCC vector extensions (two points x eight components; two components x eight dimensions),
 // so their accumulators stay in registers instead of being loaded and stored per term.
+//
+// Only fit_gmm_items is visible outside; the helpers have internal linkage, and no inline std
+// function is called (containers, std::min and the like could be emitted out of line, compiled for
+// this capability, and merged by the linker with the other capability's copy): the workspace
+// comes from the dispatcher.
+#ifndef CPU_CAPABILITY
+#error "cpu/isa sources are compiled once per CPU capability by cmake/EvomaskCpuIsa.cmake"
+#endif
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/isa/kernels.h"
+
+namespace evomask::cpu::CPU_CAPABILITY {
+namespace {
+
+// std::min / std::max's rules (the first argument on ties, and on a NaN first argument).
+inline double min_of(double a, double b) { return b < a ? b : a; }
+inline double max_of(double a, double b) { return a < b ? b : a; }
+inline int64_t min_of(int64_t a, int64_t b) { return b < a ? b : a; }
+inline void fill_zero(double* p, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) p[i] = 0.0;
+}
 
 // Outputs are float32: values beyond its range (only from inputs near 1e19 and up) are clamped,
 // so no Inf leaves the op.
 inline float to_finite_float(double v) {
-  return static_cast<float>(std::clamp(v, -static_cast<double>(FLT_MAX), static_cast<double>(FLT_MAX)));
+  return static_cast<float>(min_of(max_of(v, -static_cast<double>(FLT_MAX)), static_cast<double>(FLT_MAX)));
 }
 
 constexpr double kLog2Pi = 1.8378770664093453;  // log(2 pi)
@@ -106,17 +131,18 @@ class MixtureFitter {
  public:
   // Rows padded to whole vectors: dimensions to dp (x, means, variances), components to kp
   // (responsibilities, the transposed parameters); the padding holds zeros and is never output.
-  MixtureFitter(int64_t n, int64_t d, int64_t k)
-      : n_(n), d_(d), k_(k), dp_((d + 3) / 4 * 4), kp_((k + 3) / 4 * 4), x_(n * dp_), mu_(k * dp_),
-        var_(k * dp_), sum_(k * dp_), mu_t_(d * kp_), prec_t_(d * kp_), log_norm_(k), log_w_(k), mass_(k),
-        resp_(n * kp_), dist_(2 * kp_) {}
+  // The buffers are the workspace's (cpu/isa/kernels.h).
+  MixtureFitter(int64_t n, int64_t d, int64_t k, const GmmWorkspace& ws)
+      : n_(n), d_(d), k_(k), dp_(ws.dp), kp_(ws.kp), x_(ws.x), mu_(ws.mu), var_(ws.var), sum_(ws.sum),
+        mu_t_(ws.mu_t), prec_t_(ws.prec_t), log_norm_(ws.log_norm), log_w_(ws.log_w), mass_(ws.mass),
+        resp_(ws.resp), dist_(ws.dist), col_mean_(ws.col_mean), col_sq_(ws.col_sq) {}
 
   // Fits one item: x [N, D] and init [K, D] (float32) -> resp [N, K], means/variances [K, D],
   // weights [K], mean log-likelihood.
   void fit(const float* x, const float* init, int64_t iters, double reg, float* resp, float* means,
            float* variances, float* weights, float* log_likelihood) {
-    std::fill(x_.begin(), x_.end(), 0.0);
-    std::fill(mu_.begin(), mu_.end(), 0.0);
+    fill_zero(x_, n_ * dp_);
+    fill_zero(mu_, k_ * dp_);
     for (int64_t i = 0; i < n_; ++i)
       for (int64_t c = 0; c < d_; ++c) x_[i * dp_ + c] = x[i * d_ + c];
     for (int64_t j = 0; j < k_; ++j)
@@ -142,10 +168,13 @@ class MixtureFitter {
  private:
   // Every component starts with the data's per-dimension variance (ddof 0) plus reg_covar.
   void start_variances(double reg) {
-    std::vector<double> mean(dp_, 0.0), sq(dp_, 0.0);
+    double* mean = col_mean_;
+    double* sq = col_sq_;
+    fill_zero(mean, dp_);
+    fill_zero(sq, dp_);
     for (int64_t i = 0; i < n_; ++i)
       for (int64_t c = 0; c < dp_; ++c) mean[c] += x_[i * dp_ + c];
-    for (auto& m : mean) m /= static_cast<double>(n_);
+    for (int64_t c = 0; c < dp_; ++c) mean[c] /= static_cast<double>(n_);
     for (int64_t i = 0; i < n_; ++i)
       for (int64_t c = 0; c < dp_; ++c) {
         const double diff = x_[i * dp_ + c] - mean[c];
@@ -158,8 +187,8 @@ class MixtureFitter {
   // EPM Eq. 11-13: log r_ik = log w_k + log N(x_i | mu_k, diag var_k) - logsumexp_k(...).
   // Returns the mean log-likelihood per point.
   double e_step() {
-    std::fill(mu_t_.begin(), mu_t_.end(), 0.0);
-    std::fill(prec_t_.begin(), prec_t_.end(), 0.0);
+    fill_zero(mu_t_, d_ * kp_);
+    fill_zero(prec_t_, d_ * kp_);
     for (int64_t j = 0; j < k_; ++j) {
       double log_det = 0.0;
       for (int64_t c = 0; c < d_; ++c) {
@@ -172,14 +201,14 @@ class MixtureFitter {
     }
     double total = 0.0;
     for (int64_t i = 0; i < n_; i += 2) {
-      const int64_t i1 = std::min(i + 1, n_ - 1);  // an odd last point is computed twice
-      double* dist0 = dist_.data();
+      const int64_t i1 = min_of(i + 1, n_ - 1);  // an odd last point is computed twice
+      double* dist0 = dist_;
       double* dist1 = dist0 + kp_;
       for (int64_t j = 0; j < kp_; j += 8) {
         if (j + 8 <= kp_) {
-          distance_block<2>(&x_[i * dp_], &x_[i1 * dp_], mu_t_.data(), prec_t_.data(), kp_, d_, j, dist0, dist1);
+          distance_block<2>(&x_[i * dp_], &x_[i1 * dp_], mu_t_, prec_t_, kp_, d_, j, dist0, dist1);
         } else {
-          distance_block<1>(&x_[i * dp_], &x_[i1 * dp_], mu_t_.data(), prec_t_.data(), kp_, d_, j, dist0, dist1);
+          distance_block<1>(&x_[i * dp_], &x_[i1 * dp_], mu_t_, prec_t_, kp_, d_, j, dist0, dist1);
         }
       }
       total += responsibilities(dist0, &resp_[i * kp_]);
@@ -192,8 +221,8 @@ class MixtureFitter {
   double responsibilities(const double* dist, double* lr) {
     double best = -INFINITY;
     for (int64_t j = 0; j < k_; ++j) {
-      lr[j] = log_norm_[j] - 0.5 * std::min(dist[j], DBL_MAX);  // finite even for far points
-      best = std::max(best, lr[j]);
+      lr[j] = log_norm_[j] - 0.5 * min_of(dist[j], DBL_MAX);  // finite even for far points
+      best = max_of(best, lr[j]);
     }
     // r_ij = exp(lr_j - best) / sum: one exp per entry (the M-step needs no second one), and
     // relative to best, so a point far from every mean (best ~ -1e21) still gets a row summing
@@ -215,7 +244,7 @@ class MixtureFitter {
 
   // EPM Eq. 14-15 with reg_covar; variances from centred values (docs/ops.md).
   void m_step(double reg) {
-    std::fill(mass_.begin(), mass_.end(), 0.0);
+    fill_zero(mass_, k_);
     for (int64_t i = 0; i < n_; ++i)
       for (int64_t j = 0; j < k_; ++j) mass_[j] += resp_[i * kp_ + j];
     double mass_total = 0.0;
@@ -223,10 +252,10 @@ class MixtureFitter {
       mass_[j] += kMassFloor;
       mass_total += mass_[j];
     }
-    moments<false>(x_.data(), resp_.data(), nullptr, n_, dp_, k_, kp_, sum_.data());
+    moments<false>(x_, resp_, nullptr, n_, dp_, k_, kp_, sum_);
     for (int64_t j = 0; j < k_; ++j)
       for (int64_t c = 0; c < dp_; ++c) mu_[j * dp_ + c] = sum_[j * dp_ + c] / mass_[j];
-    moments<true>(x_.data(), resp_.data(), mu_.data(), n_, dp_, k_, kp_, sum_.data());
+    moments<true>(x_, resp_, mu_, n_, dp_, k_, kp_, sum_);
     for (int64_t j = 0; j < k_; ++j) {
       for (int64_t c = 0; c < dp_; ++c) var_[j * dp_ + c] = sum_[j * dp_ + c] / mass_[j] + reg;
       log_w_[j] = std::log(mass_[j] / mass_total);
@@ -234,14 +263,18 @@ class MixtureFitter {
   }
 
   int64_t n_, d_, k_, dp_, kp_;
-  std::vector<double> x_, mu_, var_, sum_, mu_t_, prec_t_, log_norm_, log_w_, mass_, resp_, dist_;
+  double *x_, *mu_, *var_, *sum_, *mu_t_, *prec_t_, *log_norm_, *log_w_, *mass_, *resp_, *dist_, *col_mean_, *col_sq_;
 };
 
+}  // namespace
+
 // Fits items [begin, end) of a batch with one fitter (one workspace per thread).
-inline void fit_items(int64_t begin, int64_t end, const FitArgs& a) {
-  MixtureFitter fitter(a.n, a.d, a.k);
+void fit_gmm_items(int64_t begin, int64_t end, const GmmArgs& a, const GmmWorkspace& ws) {
+  MixtureFitter fitter(a.n, a.d, a.k, ws);
   for (int64_t b = begin; b < end; ++b) {
     fitter.fit(a.x + b * a.n * a.d, a.init + b * a.k * a.d, a.iters, a.reg, a.resp + b * a.n * a.k,
                a.means + b * a.k * a.d, a.variances + b * a.k * a.d, a.weights + b * a.k, a.log_likelihood + b);
   }
 }
+
+}  // namespace evomask::cpu::CPU_CAPABILITY

@@ -1,12 +1,37 @@
-// Body of the CPU vmf_kmeans fitter, included twice by vmf_kmeans_kernel.cpp: once for the
-// baseline target (SSE2 on x86-64) and once, on x86-64 with GCC, for AVX2 + FMA, each in its own
-// namespace; the kernel picks one at run time. No include guard on purpose.
+// The CPU vmf_kmeans fitter, compiled once per CPU capability (cpu/isa/kernels.h): baseline (SSE2
+// on x86-64) and AVX2 + FMA; the dispatcher (cpu/vmf_kmeans_kernel.cpp) picks one at run time.
 //
 // All arithmetic is float64 (inputs are float32): kappa * <x, mu> exceeds float32's range for
 // large inputs, and float64 keeps the kernel within rounding of the float64 reference. Both sums
 // are register-blocked with GCC vector extensions (four points x eight means in the E-step, four
 // means x eight dimensions in the M-step), so their accumulators stay in registers for the whole
 // sum instead of being loaded and stored per term. Rows are padded with zeros to whole blocks.
+//
+// Only fit_vmf_items is visible outside; the helpers have internal linkage, and no inline std
+// function is called (containers, std::min and the like could be emitted out of line, compiled for
+// this capability, and merged by the linker with the other capability's copy): the workspace
+// comes from the dispatcher.
+#ifndef CPU_CAPABILITY
+#error "cpu/isa sources are compiled once per CPU capability by cmake/EvomaskCpuIsa.cmake"
+#endif
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu/isa/kernels.h"
+
+namespace evomask::cpu::CPU_CAPABILITY {
+namespace {
+
+// std::min / std::max's rules (the first argument on ties, and on a NaN first argument).
+inline double max_of(double a, double b) { return a < b ? b : a; }
+inline int64_t min_of(int64_t a, int64_t b) { return b < a ? b : a; }
+
+// The released code's guard in l2norm and in the M-step's division (1e-6 + ...): part of its
+// arithmetic, kept so that a mean's length is |m| / (1e-6 + |m|), not exactly 1. (The CUDA
+// kernel's kVmfGuard, cuda/vmf_kmeans_kernel.cuh.)
+constexpr double kVmfEps = 1e-6;
 
 using vd4 = double __attribute__((vector_size(32)));  // 4 doubles: one AVX2 register, two SSE2
 
@@ -17,12 +42,10 @@ inline vd4 load4(const double* p) {
 }
 inline void store4(double* p, vd4 v) { std::memcpy(p, &v, sizeof v); }
 
-constexpr int64_t kPoints = 4;  // E-step block: points
-constexpr int64_t kLanes = 8;   // E-step block: means; M-step block: dimensions
-constexpr int64_t kMeans = 4;   // M-step block: means
+constexpr int64_t kPoints = kVmfPoints;  // E-step block: points
+constexpr int64_t kLanes = kVmfLanes;    // E-step block: means; M-step block: dimensions
+constexpr int64_t kMeans = 4;            // M-step block: means
 constexpr double kVmfUnderflow = -600.0;  // exp below this is 0 (see e_step)
-
-inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // mu_k / (1e-6 + |mu_k|), the released l2norm, in place on K rows of stride dp.
 inline void l2norm_rows(double* mu, int64_t k, int64_t d, int64_t dp) {
@@ -44,9 +67,9 @@ inline void l2norm_rows(double* mu, int64_t k, int64_t d, int64_t dp) {
 inline void e_step(const double* x, const double* mu_t, int64_t n, int64_t d, int64_t dp, int64_t k, int64_t kp,
                    double kappa, double* z, double* s) {
   for (int64_t i0 = 0; i0 < n; i0 += kPoints) {
-    const int64_t rows = std::min(kPoints, n - i0);
+    const int64_t rows = min_of(kPoints, n - i0);
     const double* xr[kPoints];
-    for (int64_t r = 0; r < kPoints; ++r) xr[r] = x + (i0 + std::min(r, rows - 1)) * dp;
+    for (int64_t r = 0; r < kPoints; ++r) xr[r] = x + (i0 + min_of(r, rows - 1)) * dp;
     for (int64_t j0 = 0; j0 < kp; j0 += kLanes) {
       vd4 acc[kPoints][2] = {};
       for (int64_t c = 0; c < d; ++c) {
@@ -66,7 +89,7 @@ inline void e_step(const double* x, const double* mu_t, int64_t n, int64_t d, in
     for (int64_t r = 0; r < rows; ++r) {
       const double* sr = s + r * kp;
       double best = sr[0];
-      for (int64_t j = 1; j < k; ++j) best = std::max(best, sr[j]);
+      for (int64_t j = 1; j < k; ++j) best = max_of(best, sr[j]);
       double* zr = z + (i0 + r) * kp;
       double total = 0.0;
       for (int64_t j = 0; j < k; ++j) {
@@ -121,14 +144,14 @@ inline void transpose_means(const double* mu, int64_t k, int64_t d, int64_t dp, 
     for (int64_t c = 0; c < d; ++c) mu_t[c * kp + j] = mu[j * dp + c];
 }
 
+}  // namespace
+
 // Items [begin, end) of the batch, each independently: float64 copies of its points and means,
-// num_iters E/M rounds, a final E-step.
-inline void fit_items(int64_t begin, int64_t end, const FitArgs& a) {
+// num_iters E/M rounds, a final E-step. The workspace's buffers (cpu/isa/kernels.h) start zeroed.
+void fit_vmf_items(int64_t begin, int64_t end, const VmfArgs& a, const VmfWorkspace& ws) {
   const int64_t n = a.n, d = a.d, k = a.k;
-  const int64_t kp = round_up(k, kLanes), dp = round_up(d, kLanes);
-  std::vector<double> x(static_cast<size_t>(n * dp), 0.0), mu(static_cast<size_t>(kp * dp), 0.0),
-      mu_t(static_cast<size_t>(d * kp), 0.0), z(static_cast<size_t>(n * kp), 0.0),
-      s(static_cast<size_t>(kPoints * kp)), mass(static_cast<size_t>(k));
+  const int64_t kp = ws.kp, dp = ws.dp;
+  double *x = ws.x, *mu = ws.mu, *mu_t = ws.mu_t, *z = ws.z, *s = ws.s, *mass = ws.mass;
   for (int64_t b = begin; b < end; ++b) {
     const float* xb = a.x + b * n * d;
     const float* ib = a.init + b * k * d;
@@ -136,14 +159,14 @@ inline void fit_items(int64_t begin, int64_t end, const FitArgs& a) {
       for (int64_t c = 0; c < d; ++c) x[i * dp + c] = xb[i * d + c];
     for (int64_t j = 0; j < k; ++j)
       for (int64_t c = 0; c < d; ++c) mu[j * dp + c] = ib[j * d + c];
-    l2norm_rows(mu.data(), k, d, dp);
+    l2norm_rows(mu, k, d, dp);
     for (int64_t it = 0; it < a.iters; ++it) {
-      transpose_means(mu.data(), k, d, dp, kp, mu_t.data());
-      e_step(x.data(), mu_t.data(), n, d, dp, k, kp, a.kappa, z.data(), s.data());
-      m_step(x.data(), z.data(), n, d, dp, k, kp, mu.data(), mass.data());
+      transpose_means(mu, k, d, dp, kp, mu_t);
+      e_step(x, mu_t, n, d, dp, k, kp, a.kappa, z, s);
+      m_step(x, z, n, d, dp, k, kp, mu, mass);
     }
-    transpose_means(mu.data(), k, d, dp, kp, mu_t.data());
-    e_step(x.data(), mu_t.data(), n, d, dp, k, kp, a.kappa, z.data(), s.data());
+    transpose_means(mu, k, d, dp, kp, mu_t);
+    e_step(x, mu_t, n, d, dp, k, kp, a.kappa, z, s);
     float* resp = a.resp + b * n * k;
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < k; ++j) resp[i * k + j] = static_cast<float>(z[i * kp + j]);
@@ -152,3 +175,5 @@ inline void fit_items(int64_t begin, int64_t end, const FitArgs& a) {
       for (int64_t c = 0; c < d; ++c) means[j * d + c] = static_cast<float>(mu[j * dp + c]);
   }
 }
+
+}  // namespace evomask::cpu::CPU_CAPABILITY

@@ -1,12 +1,44 @@
-// Body of the CPU tree build, included twice by tree_builder.cpp: once for baseline x86-64 (or
-// any other target) and once under `#pragma GCC target("avx2")`, each time inside its own
-// namespace. No include guard on purpose. The code is written with GCC/Clang vector extensions,
-// so the same source becomes SSE2 or AVX2 code (a few helpers use SSE2/AVX intrinsics where
-// present: shuffles, movemask, the 4x4 transpose, with plain fallbacks); the arithmetic is the
-// same IEEE operations in the same order either way (no FMA: -ffp-contract=off), so both builds
-// give bitwise-identical trees.
+// The CPU tree build (the algorithm and its invariants: cpu/tree_builder.cpp), compiled once per
+// CPU capability (cpu/isa/kernels.h): baseline (SSE2 on x86-64, 4 float lanes) and AVX2 (8 lanes).
+// The code is written with GCC/Clang vector extensions, so the same source becomes SSE2 or AVX2
+// code (a few helpers use SSE2/AVX intrinsics where present: shuffles, movemask, the 4x4
+// transpose, with plain fallbacks); the arithmetic is the same IEEE operations in the same order
+// either way (no FMA: -ffp-contract=off), so both builds give bitwise-identical trees.
+//
+// Only build_tree is visible outside; the helpers have internal linkage, and no inline std
+// function is called (std::min and the like could be emitted out of line, at -O0 say, compiled for
+// this capability, and merged by the linker with the other capability's copy).
+#ifndef CPU_CAPABILITY
+#error "cpu/isa sources are compiled once per CPU capability by cmake/EvomaskCpuIsa.cmake"
+#endif
 
-// kLanes (4 or 8) is defined by the includer: a vector register of floats on the target.
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#include "cpu/isa/kernels.h"
+#include "linkage.h"
+
+namespace evomask::cpu::CPU_CAPABILITY {
+namespace {
+
+// A vector register of floats on the target.
+#if defined(__AVX2__)
+constexpr int32_t kLanes = 8;
+#else
+constexpr int32_t kLanes = 4;
+#endif
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int32_t kIntMax = std::numeric_limits<int32_t>::max();
+
+// std::min / std::max's rules (the first argument on ties), for the integers below.
+inline int64_t min_of(int64_t a, int64_t b) { return b < a ? b : a; }
+inline int64_t max_of(int64_t a, int64_t b) { return a < b ? b : a; }
+
 using vf = float __attribute__((vector_size(4 * kLanes)));    // kLanes floats
 using vi = int32_t __attribute__((vector_size(4 * kLanes)));  // kLanes int32 (lane masks: -1 / 0)
 using vf4 = float __attribute__((vector_size(16)));           // 4 floats
@@ -36,40 +68,37 @@ struct Best {
 };
 
 // Horizontal maximum and lane mask bits, with the target's shuffles and movemask where there
-// are some (templates only so that the branch for the other vector width is discarded).
-template <int32_t L = kLanes>
+// are some (8 lanes exactly when AVX2 is on, see kLanes).
 inline float hmax(vf v) {
 #if defined(__SSE2__)
-  __m128 m;
-  if constexpr (L == 8) {
-    vf4 lo, hi;
-    std::memcpy(&lo, &v, sizeof lo);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-    m = _mm_max_ps(reinterpret_cast<__m128>(lo), reinterpret_cast<__m128>(hi));
-  } else {
-    m = reinterpret_cast<__m128>(v);
-  }
+#if defined(__AVX2__)
+  vf4 lo, hi;
+  std::memcpy(&lo, &v, sizeof lo);
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
+  __m128 m = _mm_max_ps(reinterpret_cast<__m128>(lo), reinterpret_cast<__m128>(hi));
+#else
+  __m128 m = reinterpret_cast<__m128>(v);
+#endif
   m = _mm_max_ps(m, _mm_movehl_ps(m, m));
   m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
   return _mm_cvtss_f32(m);
 #else
   float m = v[0];
-  for (int l = 1; l < L; ++l) m = v[l] > m ? v[l] : m;
+  for (int l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
   return m;
 #endif
 }
 
-template <int32_t L = kLanes>
 inline uint32_t lane_bits(vi mask) {
-#if defined(EVOMASK_TREE_BODY_AVX2)  // GCC's target pragma does not define __AVX2__
-  if constexpr (L == 8) return static_cast<uint32_t>(_mm256_movemask_ps(reinterpret_cast<__m256>(mask)));
-#endif
-#if defined(__SSE2__)
-  if constexpr (L == 4) return static_cast<uint32_t>(_mm_movemask_ps(reinterpret_cast<__m128>(mask)));
-#endif
+#if defined(__AVX2__)
+  return static_cast<uint32_t>(_mm256_movemask_ps(reinterpret_cast<__m256>(mask)));
+#elif defined(__SSE2__)
+  return static_cast<uint32_t>(_mm_movemask_ps(reinterpret_cast<__m128>(mask)));
+#else
   uint32_t bits = 0;
-  for (int l = 0; l < L; ++l) bits |= static_cast<uint32_t>(mask[l] != 0) << l;
+  for (int l = 0; l < kLanes; ++l) bits |= static_cast<uint32_t>(mask[l] != 0) << l;
   return bits;
+#endif
 }
 
 // Lane-wise (value, index) of the first maximum folded into one: the largest value, ties to the
@@ -78,7 +107,7 @@ inline uint32_t lane_bits(vi mask) {
 inline Best fold_lanes(vf best_v, vi best_i) {
   const float m = hmax(best_v);
   const vi at_max = best_v == (vf{} + m);
-  const vi cand = at_max ? best_i : (vi{} + std::numeric_limits<int32_t>::max());
+  const vi cand = at_max ? best_i : (vi{} + kIntMax);
   int32_t index = cand[0];
   for (int l = 1; l < kLanes; ++l) index = cand[l] < index ? cand[l] : index;
   return {m, index};
@@ -108,9 +137,9 @@ inline float block_max(const float* x) { return hmax(load_vf(x)); }
 // accumulators (even and odd vectors) halve the compare-select dependency chain.
 inline Best upper_row_max(const float* row, const int32_t* active, int32_t lo, int32_t end) {
   const int32_t start = (lo + 1) & ~(kLanes - 1);
-  vf best_v0 = vf{} - std::numeric_limits<float>::infinity();
+  vf best_v0 = vf{} - kInf;
   vf best_v1 = best_v0;
-  vi best_i0 = vi{} + std::numeric_limits<int32_t>::max();
+  vi best_i0 = vi{} + kIntMax;
   vi best_i1 = best_i0;
   vi idx = iota() + start;
   const vi lo_v = vi{} + lo;
@@ -202,17 +231,19 @@ inline void symmetrise(const float* sim, int32_t n, int32_t ld, float* d) {
   }
 }
 
+}  // namespace
+
 // The build (see tree_builder.cpp for the algorithm and its invariants). `ld` is the padded row
-// length, a multiple of kLanes >= n; the workspace arrays are sized by the caller.
-inline void build_tree(const float* sim, int64_t n64, int64_t ld64, const Workspace& ws, int64_t* children,
-                       float* heights, int64_t* levels, int64_t* sizes) {
+// length, a multiple of 16 >= n; the workspace arrays are sized by the caller.
+void build_tree(const float* sim, int64_t n64, int64_t ld64, const TreeWorkspace& ws, int64_t* children,
+                float* heights, int64_t* levels, int64_t* sizes) {
   const int32_t n = static_cast<int32_t>(n64);
   const int32_t ld = static_cast<int32_t>(ld64);
   float* d = ws.matrix;
   float* nn_sim = ws.nn_sim;
   int32_t* nn = ws.nn;
   int32_t* active = ws.active;
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  constexpr float kNegInf = -kInf;
 
   symmetrise(sim, n, ld, d);
   for (int32_t j = 0; j < ld; ++j) {
@@ -299,10 +330,10 @@ inline void build_tree(const float* sim, int64_t n64, int64_t ld64, const Worksp
 
     const int64_t na = ws.size[a];
     const int64_t nb = ws.size[b];
-    children[2 * step] = std::min(ws.node[a], ws.node[b]);
-    children[2 * step + 1] = std::max(ws.node[a], ws.node[b]);
+    children[2 * step] = min_of(ws.node[a], ws.node[b]);
+    children[2 * step + 1] = max_of(ws.node[a], ws.node[b]);
     heights[step] = d[a * ld + b];
-    const int64_t level = std::max(ws.level[a], ws.level[b]) + 1;
+    const int64_t level = max_of(ws.level[a], ws.level[b]) + 1;
     if (levels) levels[step] = level;
     if (sizes) sizes[step] = na + nb;
 
@@ -310,7 +341,7 @@ inline void build_tree(const float* sim, int64_t n64, int64_t ld64, const Worksp
     merge_rows(row_a, d + b * ld, na, nb, width);
     // The column copy: every row in use, active or not (a plain stride is cheaper than
     // indexing the active ones, and retired rows are never read).
-    for (int32_t k = 0, end = std::min(width, n); k < end; ++k) d[k * ld + a] = row_a[k];
+    for (int32_t k = 0, end = width < n ? width : n; k < end; ++k) d[k * ld + a] = row_a[k];
     active[b] = 0;
     nn[b] = -1;
     set_bound(b, kNegInf);
@@ -346,3 +377,5 @@ inline void build_tree(const float* sim, int64_t n64, int64_t ld64, const Worksp
     set_bound(a, r.value);
   }
 }
+
+}  // namespace evomask::cpu::CPU_CAPABILITY
