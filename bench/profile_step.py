@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from evomask_ext.attention import attention_maps
-from evomask_ext.masking import MaskContext, build_strategy
+from evomask_ext import EvolvedMasker
+from evomask_train.mask_fn import ModelMasks
 from evomask_train.model import build_mae
 
 
@@ -46,28 +46,23 @@ class Clock:
         return (stop - start) * 1e3
 
 
-class PhaseMasker:
-    """The trainer's StepMasker with a mark between the attention pass and the mask op."""
+class PhaseMasker(ModelMasks):
+    """The trainer's mask function (:class:`evomask_train.mask_fn.ModelMasks`) with a mark between
+    the attention pass and the mask op."""
 
-    def __init__(self, strategy, attn_layers: int, clock: Clock, progress: float):
-        self.strategy, self.attn_layers, self.clock, self.progress = strategy, attn_layers, clock, progress
+    def __init__(self, mask_name: str, attn_layers: int, clock: Clock, progress: float):
+        super().__init__(EvolvedMasker(mask_name, 0.75, seed=0), attn_layers)
+        self.clock = clock
+        self.step, self.total_steps = round(progress * 1000), 1000
         self.marks = []
-        self.generator = torch.Generator().manual_seed(0)
 
     def __call__(self, imgs, tokens, model):
         t0 = self.clock.mark()
-        maps = None
-        needs = self.strategy.needs
         with torch.profiler.record_function("evomask::attention_similarity"):
-            if needs & {"attn", "cls_attn"}:
-                maps = attention_maps(model.blocks, tokens, patch_layers=self.attn_layers if "attn" in needs else 0,
-                                      cls_from_last="cls_attn" in needs)
+            maps = self.attention(tokens, model)
         t1 = self.clock.mark()
         with torch.profiler.record_function("evomask::mask"):
-            ctx = MaskContext(tokens.shape[0], model.cfg.grid, tokens.device, self.generator,
-                              attn=maps.patch if maps is not None else None,
-                              cls_attn=maps.cls if maps is not None else None)
-            mask = self.strategy(ctx, self.progress)
+            mask = self.mask(imgs, tokens, model, maps)
         t2 = self.clock.mark()
         self.marks.append((t0, t1, t2))
         return mask
@@ -79,7 +74,7 @@ def profile(args, mask_name: str, device: torch.device) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
     depth = len(model.blocks)
     clock = Clock(device)
-    masker = PhaseMasker(build_strategy(mask_name, 0.75), args.attn_layers or depth // 2, clock, args.progress)
+    masker = PhaseMasker(mask_name, args.attn_layers or depth // 2, clock, args.progress)
     imgs = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     bf16 = device.type == "cuda"
 

@@ -30,7 +30,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 
 {
   date -u +%FT%TZ
@@ -49,10 +49,10 @@ if [[ " $STEPS " == *" build "* ]]; then
   cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v $PY)" "${COMPILERS[@]}" \
     -DEVOMASK_CUDA=ON -DTORCH_CUDA_ARCH_LIST=9.0 >"$LOGS/build.log" 2>&1 \
     && cmake --build build/gpu -j "$(nproc)" >>"$LOGS/build.log" 2>&1 \
-    && cp build/gpu/libevomask_ops.so evomask_ext/ \
+    && cp build/gpu/libevomask_ops.so src/evomask_ext/ \
     || { echo "BUILD FAILED"; tail -40 "$LOGS/build.log"; exit 1; }
   echo "build: $(( $(date +%s) - start )) s"
-  if nm -DC evomask_ext/libevomask_ops.so | grep -q " T .*ostream::_M_insert<long>"; then
+  if nm -DC src/evomask_ext/libevomask_ops.so | grep -q " T .*ostream::_M_insert<long>"; then
     echo "WARNING: libstdc++ is linked statically into libevomask_ops.so"
   fi
   $PY -c "import evomask_ext, json; print(json.dumps(evomask_ext._loader.kernel_sources()))"
@@ -65,7 +65,7 @@ if [[ " $STEPS " == *" diag "* ]]; then
     timeout 120 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args $PY -c \
       "import torch, evomask_ext; torch.ops.evomask.linkage_tree(torch.rand(4, 4))" >"$LOGS/gdb.log" 2>&1
     grep -E "^#|signal" "$LOGS/gdb.log" | head -40
-    ldd evomask_ext/libevomask_ops.so | grep -E "stdc|gcc" ; g++ --version | head -1; ls /usr/bin/g++* 2>/dev/null
+    ldd src/evomask_ext/libevomask_ops.so | grep -E "stdc|gcc" ; g++ --version | head -1; ls /usr/bin/g++* 2>/dev/null
   fi
 fi
 

@@ -12,11 +12,13 @@ import torch
 
 import evomask_ext
 from evomask_ext.attention import attention_maps
-from evomask_ext.masking import STRATEGIES, build_strategy
+from evomask_ext.masking import STRATEGIES
 from evomask_ext.reference import masked_count
 from evomask_train.checkpoint import list_checkpoints, load_checkpoint
 from evomask_train.model import build_mae
-from evomask_train.train import StepMasker, TrainingStopped, build_parser, train
+from evomask_ext import EvolvedMasker
+from evomask_train.mask_fn import ModelMasks
+from evomask_train.train import TrainingStopped, build_parser, train
 
 # 32 px images in 8 px patches: N = 16, so a step takes well under a second on a CPU core.
 TINY = ["--model", "tiny", "--img-size", "32", "--patch-size", "8", "--batch-size", "4", "--dataset-length", "32",
@@ -54,9 +56,10 @@ def test_step_masker_exact_count(strategy):
     """The masks the trainer feeds the model have exactly N - int(N (1 - r)) patches per image."""
     torch.manual_seed(0)
     model = build_mae("tiny", img_size=48, patch_size=8).eval()
-    masker = StepMasker(build_strategy(strategy, 0.7), attn_layers=3, generator=torch.Generator().manual_seed(1))
-    for progress in (0.0, 0.5, 1.0):
-        masker.progress = progress
+    masker = ModelMasks(EvolvedMasker(strategy, 0.7, seed=1), attn_layers=3)
+    masker.total_steps = 2
+    for step in (0, 1, 2):  # progress 0, 0.5, 1
+        masker.step = step
         imgs = torch.randn(3, 3, 48, 48)
         mask = masker(imgs, model.embed(imgs), model)
         assert mask.dtype == torch.bool and mask.shape == (3, 36)
@@ -146,17 +149,17 @@ def test_bad_attn_layers_is_a_clear_error(tmp_path):
 def test_metrics_epoch_and_galleries_count_epochs_completed(tmp_path, monkeypatch):
     """metrics.csv's epoch is step / steps per epoch; a gallery is titled with the same number and
     its step, and drawn at the t/T the next step trains with (8 steps per epoch, 16 in all)."""
-    import evomask_train.train as train_module
+    import evomask_train.engine as engine_module
 
     drawn = []
-    real = train_module.save_gallery
+    real = engine_module.save_gallery
 
     def record(model, imgs, mask, pred, attn_layers, path, title, progress=None, similarity=None):
         drawn.append((Path(path).name, title, progress))
         assert similarity is not None and similarity.shape == (len(imgs), 16, 16)  # the masks' own (ehm)
         return real(model, imgs, mask, pred, attn_layers, path, title, progress=progress, similarity=similarity)
 
-    monkeypatch.setattr(train_module, "save_gallery", record)
+    monkeypatch.setattr(engine_module, "save_gallery", record)
     run(tmp_path, "--mask", "ehm", "--epochs", "2", "--max-steps", "11", "--gallery-every", "1")
     lines = (tmp_path / "metrics.csv").read_text().strip().splitlines()
     header = lines[0].split(",")

@@ -14,7 +14,9 @@ from evomask_ext.masking import MaskContext, build_strategy
 from evomask_train.checkpoint import list_checkpoints, load_checkpoint
 from evomask_train.ema import EMATeacher
 from evomask_train.model import build_mae
-from evomask_train.train import StepMasker, build_parser, main, train
+from evomask_ext import EvolvedMasker
+from evomask_train.mask_fn import ModelMasks
+from evomask_train.train import build_parser, main, train
 
 # 32 px images in 8 px patches (N = 16): 8 steps per epoch of 32 images.
 TINY = ["--model", "tiny", "--img-size", "32", "--patch-size", "8", "--batch-size", "4", "--dataset-length", "32",
@@ -65,9 +67,8 @@ def test_masks_read_the_teacher_blocks_on_the_online_tokens():
     imgs = torch.randn(3, 3, 32, 32)
     tokens = online.embed(imgs)
     for reduce in ("mean", "sum"):
-        masker = StepMasker(build_strategy("ehm", 0.75), 12, torch.Generator().manual_seed(4), teacher=teacher,
-                            reduce=reduce)
-        masker.progress = 0.7
+        masker = ModelMasks(EvolvedMasker("ehm", 0.75, seed=4), 12, teacher=teacher, reduce=reduce)
+        masker.step, masker.total_steps = 7, 10  # progress 0.7
         got = masker(imgs, tokens, online)
         maps = attention_maps(other.blocks, tokens, patch_layers=12, reduce=reduce)
         ctx = MaskContext(batch_size=3, grid=(4, 4), device=tokens.device,

@@ -18,7 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+import evomask_ext.masker as masker_module
 import evomask_train.checkpoint as checkpoint_module
+import evomask_train.engine as engine_module
+import evomask_train.mask_fn as mask_fn_module
+import evomask_train.run_state as run_state_module
 import evomask_train.train as train_module
 from evomask_train.checkpoint import list_checkpoints, load_checkpoint
 from evomask_train.data import CorruptImageWarning
@@ -191,7 +195,7 @@ class SpyStrategy:
 
     def __init__(self, inner, seen: list):
         self.inner, self.seen = inner, seen
-        self.needs = inner.needs
+        self.needs, self.mask_ratio = inner.needs, inner.mask_ratio
 
     def __call__(self, ctx, progress):
         for value in (ctx.attn, ctx.cls_attn):
@@ -224,9 +228,9 @@ def test_nan_attention_stops_before_the_masking_ops(tmp_path, monkeypatch, strat
     """Attention that turns NaN at step 2 stops the run with the step in the message; the strategy
     (and so the mask ops) never sees it, and the last checkpoint holds finite weights."""
     seen: list[bool] = []
-    real_build = train_module.build_strategy
-    monkeypatch.setattr(train_module, "build_strategy", lambda *a, **k: SpyStrategy(real_build(*a, **k), seen))
-    monkeypatch.setattr(train_module, "attention_maps", poisoned_attention(train_module.attention_maps, bad_call=3))
+    real_build = masker_module.build_strategy
+    monkeypatch.setattr(masker_module, "build_strategy", lambda *a, **k: SpyStrategy(real_build(*a, **k), seen))
+    monkeypatch.setattr(mask_fn_module, "attention_maps", poisoned_attention(mask_fn_module.attention_maps, bad_call=3))
     with pytest.raises(NonFiniteError, match=r"attention of the encoder's first blocks is NaN/Inf at step 2"):
         run(tmp_path, "--mask", strategy, "--epochs", "1", "--save-every", "1", "--max-steps", "5")
     assert seen and all(seen)
@@ -301,7 +305,7 @@ def write_images(folder: Path, count: int, gen: torch.Generator) -> list[Path]:
 
 def test_images_that_vanish_or_rot_between_epochs_are_skipped(tmp_path, monkeypatch, gen):
     paths = write_images(tmp_path / "data", 8, gen)
-    real_set_epoch = train_module.set_loader_epoch
+    real_set_epoch = engine_module.set_loader_epoch
 
     def set_loader_epoch(loader, epoch):
         if epoch == 1:
@@ -309,7 +313,7 @@ def test_images_that_vanish_or_rot_between_epochs_are_skipped(tmp_path, monkeypa
             paths[5].write_bytes(b"\x89PNG broken")
         real_set_epoch(loader, epoch)
 
-    monkeypatch.setattr(train_module, "set_loader_epoch", set_loader_epoch)
+    monkeypatch.setattr(engine_module, "set_loader_epoch", set_loader_epoch)
     with pytest.warns(CorruptImageWarning) as warned:
         summary = run(tmp_path / "out", "--data", str(tmp_path / "data"), "--mask", "ehm", "--epochs", "2")
     assert summary["step"] == 4 and np.isfinite(summary["loss"])
@@ -371,14 +375,14 @@ def test_disk_full_while_checkpointing_stops_and_keeps_what_was_written(tmp_path
 
 
 def test_disk_full_while_logging_stops_and_keeps_the_log(tmp_path, monkeypatch):
-    real_write = train_module._MetricsLog.write
+    real_write = run_state_module.MetricsLog.write
 
     def write(self, row):
         if row["step"] == 3:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_write(self, row)
 
-    monkeypatch.setattr(train_module._MetricsLog, "write", write)
+    monkeypatch.setattr(run_state_module.MetricsLog, "write", write)
     with pytest.raises(TrainingStopped, match=r"could not write .*metrics\.csv at step 3: .*No space left"):
         run(tmp_path, "--mask", "random", "--epochs", "1", "--max-steps", "5")
     assert metric_steps(tmp_path) == [1, 2]
@@ -409,14 +413,14 @@ def test_disk_full_when_resuming_keeps_the_old_metrics(tmp_path, monkeypatch):
 
 def recorded_masks(monkeypatch) -> list[torch.Tensor]:
     masks: list[torch.Tensor] = []
-    real_call = train_module.StepMasker.__call__
+    real_call = mask_fn_module.ModelMasks.__call__
 
     def call(self, imgs, tokens, model):
         mask = real_call(self, imgs, tokens, model)
         masks.append(mask.clone())
         return mask
 
-    monkeypatch.setattr(train_module.StepMasker, "__call__", call)
+    monkeypatch.setattr(mask_fn_module.ModelMasks, "__call__", call)
     return masks
 
 
@@ -495,13 +499,13 @@ def test_bad_configurations_stop_with_the_flag_named(tmp_path, argv, expected, c
 
 def test_deterministic_flag_is_scoped_to_the_run(tmp_path, monkeypatch):
     seen = []
-    real_call = train_module.StepMasker.__call__
+    real_call = mask_fn_module.ModelMasks.__call__
 
     def call(self, imgs, tokens, model):
         seen.append(torch.are_deterministic_algorithms_enabled())
         return real_call(self, imgs, tokens, model)
 
-    monkeypatch.setattr(train_module.StepMasker, "__call__", call)
+    monkeypatch.setattr(mask_fn_module.ModelMasks, "__call__", call)
     assert not torch.are_deterministic_algorithms_enabled()
     run(tmp_path, "--mask", "ehm", "--epochs", "1", "--max-steps", "2", "--deterministic")
     assert seen and all(seen)

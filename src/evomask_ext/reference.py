@@ -17,6 +17,7 @@ import torch
 
 from ._checks import (
     EM_ITERS_HINT,
+    LOOP_ITERS_HINT,
     MAX_EM_ITERS,
     _require_int,
     _require_tensor,
@@ -272,6 +273,34 @@ def _m_step(x, resp, reg_covar):
     return means, variances, weights
 
 
+def _points_and_means(
+    x: torch.Tensor, init_means: torch.Tensor, num_iters: int, mean_word: str, iters_hint: str, parameter: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checks ``gmm_em`` and ``vmf_kmeans`` share, in the kernels' order: points ``x [B, N, D]``,
+    start means ``[B, K, D]`` (K >= 1 ``mean_word``), ``num_iters`` (bounded, ``iters_hint`` says
+    why), then the op's own scalar ``parameter`` = ``(ok, message)``, then finiteness. Returns both
+    as float32."""
+    _check(x.dim() == 3, f"x must be a [B, N, D] tensor, got shape {list(x.shape)}")
+    _check(
+        init_means.dim() == 3 and init_means.shape[0] == x.shape[0] and init_means.shape[2] == x.shape[2],
+        f"init_means must be [B, K, D] = [{x.shape[0]}, K, {x.shape[2]}], got shape {list(init_means.shape)}",
+    )
+    _check(init_means.shape[1] >= 1, f"init_means needs at least K = 1 {mean_word}")
+    _check(x.shape[1] >= 1, "x needs at least N = 1 point")
+    _check(x.shape[2] >= 1, "x needs at least D = 1 dimension")
+    _check(x.is_floating_point() and init_means.is_floating_point(), "x and init_means must be floating-point")
+    _check(init_means.device == x.device, f"init_means must be on x's device ({x.device}), got {init_means.device}")
+    _check(
+        0 <= num_iters <= MAX_EM_ITERS,
+        f"num_iters must be an int in [0, {MAX_EM_ITERS}]{iters_hint}, got {num_iters}",
+    )
+    _check(*parameter)
+    xf, init_f = x.float(), init_means.float()
+    _check(bool(torch.isfinite(xf).all()), "x contains NaN or Inf values (after conversion to float32)")
+    _check(bool(torch.isfinite(init_f).all()), "init_means contains NaN or Inf values (after conversion to float32)")
+    return xf, init_f
+
+
 def gmm_em(
     x: torch.Tensor, init_means: torch.Tensor, num_iters: int, reg_covar: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -286,24 +315,10 @@ def gmm_em(
     Returns resp [B, N, K], means [B, K, D], variances [B, K, D], weights [B, K],
     log_likelihood [B] (mean per point), all float32.
     """
-    _check(x.dim() == 3, f"x must be a [B, N, D] tensor, got shape {list(x.shape)}")
-    _check(
-        init_means.dim() == 3 and init_means.shape[0] == x.shape[0] and init_means.shape[2] == x.shape[2],
-        f"init_means must be [B, K, D] = [{x.shape[0]}, K, {x.shape[2]}], got shape {list(init_means.shape)}",
+    xf, init_f = _points_and_means(
+        x, init_means, num_iters, "component", EM_ITERS_HINT,
+        (reg_covar > 0.0 and math.isfinite(reg_covar), f"reg_covar must be a finite float > 0, got {reg_covar}"),
     )
-    _check(init_means.shape[1] >= 1, "init_means needs at least K = 1 component")
-    _check(x.shape[1] >= 1, "x needs at least N = 1 point")
-    _check(x.shape[2] >= 1, "x needs at least D = 1 dimension")
-    _check(x.is_floating_point() and init_means.is_floating_point(), "x and init_means must be floating-point")
-    _check(init_means.device == x.device, f"init_means must be on x's device ({x.device}), got {init_means.device}")
-    _check(
-        0 <= num_iters <= MAX_EM_ITERS,
-        f"num_iters must be an int in [0, {MAX_EM_ITERS}]{EM_ITERS_HINT}, got {num_iters}",
-    )
-    _check(reg_covar > 0.0 and math.isfinite(reg_covar), f"reg_covar must be a finite float > 0, got {reg_covar}")
-    xf, init_f = x.float(), init_means.float()
-    _check(bool(torch.isfinite(xf).all()), "x contains NaN or Inf values (after conversion to float32)")
-    _check(bool(torch.isfinite(init_f).all()), "init_means contains NaN or Inf values (after conversion to float32)")
     xd, means = xf.double(), init_f.double()
 
     batch, n, d = xd.shape
@@ -318,5 +333,52 @@ def gmm_em(
     return tuple(t.clamp(-limit, limit).float() for t in (log_resp.exp(), means, variances, weights, log_likelihood))
 
 
-# The EPM authors' released clustering; its reference lives with its wrapper.
-from .vmf import reference_vmf_kmeans as vmf_kmeans  # noqa: E402
+# --------------------------------------------------------------------------------------------
+# vmf_kmeans: the clustering of the EPM authors' released code
+# --------------------------------------------------------------------------------------------
+
+#: The released code's guard in ``l2norm`` and in the M-step's division.
+VMF_EPS = 1e-6
+
+
+def _l2norm(v: torch.Tensor) -> torch.Tensor:
+    return v / (VMF_EPS + v.norm(dim=-1, keepdim=True))
+
+
+def _vmf_softmax(scores: torch.Tensor, kappa: float) -> torch.Tensor:
+    # softmax(kappa * s) written as exp(kappa * (s - max s)) / sum, as the kernels do: the same
+    # distribution, and no Inf - Inf when kappa * s exceeds float64's range.
+    return torch.softmax(kappa * (scores - scores.amax(dim=-1, keepdim=True)), dim=-1)
+
+
+def vmf_kmeans(
+    x: torch.Tensor, init_means: torch.Tensor, num_iters: int, kappa: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vMF-style soft k-means of the EPM authors' released code (``EM`` in
+    ``model/models_mae_evolved_base.py``), computed in float64.
+
+    Per batch item, for points ``x_i`` (rows of ``x``, used as given: the released code does not
+    normalise them) and means started at ``l2norm(init_means)``:
+
+    * E-step: ``z_ik = softmax_k(kappa * <x_i, mu_k>)``;
+    * M-step: ``mu_k = l2norm(sum_i z_ik x_i / (1e-6 + sum_i z_ik))``, with the released
+      ``l2norm(v) = v / (1e-6 + |v|)``;
+    * ``num_iters`` E/M rounds, then a final E-step, whose ``z`` is returned as ``resp``.
+
+    Inputs are rounded to float32 first (as the kernels do). The softmax is
+    ``exp(kappa * (s - max s)) / sum``; the kernels set terms below ``e^-600`` of a row's largest
+    to 0 (the subnormal doubles they would become slowed the CPU M-step 2.4x), this reference keeps
+    them: a difference far below float32's resolution. Returns ``resp [B, N, K]`` and
+    ``means [B, K, D]``, float32.
+    """
+    xf, init_f = _points_and_means(
+        x, init_means, num_iters, "mean", LOOP_ITERS_HINT,
+        (kappa > 0.0 and math.isfinite(kappa), f"kappa must be a finite float > 0, got {kappa}"),
+    )
+    xd = xf.double()
+    means = _l2norm(init_f.double())
+    for _ in range(num_iters):
+        z = _vmf_softmax(xd @ means.transpose(1, 2), kappa)
+        means = _l2norm(z.transpose(1, 2) @ xd / (VMF_EPS + z.sum(dim=1))[..., None])
+    z = _vmf_softmax(xd @ means.transpose(1, 2), kappa)
+    return z.float(), means.float()

@@ -7,8 +7,27 @@ from typing import Any, NamedTuple
 import torch
 
 from . import reference
+from ._checks import (
+    EM_ITERS_HINT,
+    LOOP_ITERS_HINT,
+    MAX_EM_ITERS,
+    ArgumentTypeError,
+    _require_device,
+    _require_generator,
+    _require_int,
+    _require_real,
+    _require_same_device,
+    _require_shape,
+    _require_tensor,
+    _require_unit_interval,
+    _require_usable_ratio,
+)
+from ._random import rand
 
-__all__ = ["LinkageTree", "linkage_tree", "hier_mask", "gmm_em", "GaussianMixture", "draw_noise", "group_labels"]
+__all__ = [
+    "LinkageTree", "linkage_tree", "group_labels", "hier_mask", "draw_noise",
+    "GaussianMixture", "gmm_em", "VmfKMeans", "vmf_kmeans", "MAX_EM_ITERS",
+]
 
 
 class LinkageTree(NamedTuple):
@@ -30,27 +49,11 @@ class GaussianMixture(NamedTuple):
     log_likelihood: torch.Tensor  #: [B] mean log-likelihood per point
 
 
-# The shared argument checks (re-exported: the package's modules import them from here).
-from ._checks import (  # noqa: F401
-    EM_ITERS_HINT,
-    MAX_EM_ITERS,
-    ArgumentTypeError,
-    _require_tensor,
-    _is_real_number,
-    _require_real,
-    _require_unit_interval,
-    _require_int,
-    _require_bool,
-    _require_device,
-    _require_generator,
-    _require_usable_ratio,
-    _require_shape,
-    _require_floating,
-    _require_finite,
-    _require_same_device,
-    _move_to,
-    _module_device,
-)
+class VmfKMeans(NamedTuple):
+    """The fits of :func:`vmf_kmeans`, one per batch item."""
+
+    resp: torch.Tensor  #: float32 [B, N, K], the final E-step's softmax over K (rows sum to 1)
+    means: torch.Tensor  #: float32 [B, K, D], length |m| / (1e-6 + |m|): 1 up to ~1e-6, 0 for a zero mean
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,16 +126,7 @@ def draw_noise(
     num_patches = _require_int(num_patches, "num_patches", minimum=0)
     device = _require_device(device)
     generator = _require_generator(generator)
-    return _rand((batch, num_patches), generator, device)
-
-
-def _rand(size: tuple, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """``torch.rand(size)`` drawn on ``generator``'s device (torch's global RNG on ``device`` when
-    None), moved to ``device``. With no generator the keyword is left out, not passed as None:
-    torch.compile cannot trace ``torch.rand(..., generator=None)`` with dynamic shapes."""
-    if generator is None:
-        return torch.rand(size, device=device)
-    return torch.rand(size, generator=generator, device=generator.device).to(device)
+    return rand((batch, num_patches), generator, device)
 
 
 def linkage_tree(attn: torch.Tensor) -> LinkageTree:
@@ -280,3 +274,33 @@ def gmm_em(
     num_iters = _require_int(num_iters, "num_iters", minimum=0, maximum=MAX_EM_ITERS, hint=EM_ITERS_HINT)
     reg_covar = _require_real(reg_covar, "reg_covar", greater_than=0.0)
     return GaussianMixture(*torch.ops.evomask.gmm_em(x, init_means, num_iters, reg_covar))
+
+
+def vmf_kmeans(x: torch.Tensor, init_means: torch.Tensor, num_iters: int = 15, kappa: float = 40.0) -> VmfKMeans:
+    """Batched vMF-style soft k-means, one independent fit per batch item: the clustering of the
+    EPM authors' released code (``EM`` in ``model/models_mae_evolved_base.py``), not the paper's
+    Gaussian mixture (that is :func:`gmm_em`). The algorithm: :func:`evomask_ext.reference.vmf_kmeans`.
+
+    Args:
+        x: ``[B, N, D]`` points as rows, used as given (not normalised, as in the released code,
+            so their scale sets how sharp the assignments are). The released code clusters the
+            key axis of the attention: the rows of ``attn^T``.
+        init_means: ``[B, K, D]`` starting means, normalised by the op (the released code draws
+            them from ``N(0, 2 / K)``, one draw shared by the batch).
+        num_iters: E/M rounds, an int in [0, 1000] (the released code runs 15); a final E-step
+            gives the returned responsibilities.
+        kappa: the fixed concentration, a finite float > 0 (released: 40).
+
+    Returns:
+        :class:`VmfKMeans` ``(resp, means)``: ``resp`` the final softmax over K (before the
+        released per-part normalisation, which :func:`evomask_ext.epm_released.released_parts`
+        applies), ``means`` the last M-step's unit means (the normalised ``init_means`` when
+        ``num_iters`` is 0). All backends compute in float64 from the float32-rounded inputs.
+
+    Not differentiable, like :func:`gmm_em`.
+    """
+    _require_tensor(x, "x")
+    _require_tensor(init_means, "init_means")
+    num_iters = _require_int(num_iters, "num_iters", minimum=0, maximum=MAX_EM_ITERS, hint=LOOP_ITERS_HINT)
+    kappa = _require_real(kappa, "kappa", greater_than=0.0)
+    return VmfKMeans(*torch.ops.evomask.vmf_kmeans(x, init_means, num_iters, kappa))

@@ -11,7 +11,7 @@ Per batch, as the released code does it:
 * the attention's key axis is clustered: the points are the rows of ``attn^T`` (the columns of
   ``attn``), unnormalised, by :func:`evomask_ext.vmf_kmeans` (15 rounds, ``kappa = 40``) from
   means drawn from ``N(0, 2 / K)``, one draw shared by the whole batch;
-* a patch's part is ``argmax_k z_ik / (1e-6 + sum_i z_ik)`` (:func:`evomask_ext.vmf.released_parts`),
+* a patch's part is ``argmax_k z_ik / (1e-6 + sum_i z_ik)`` (:func:`released_parts`),
   which favours small parts;
 * one random 2x2 grid table for the whole batch, patch ``i`` scoring
   ``table[(i // W) % 2, i % 2]``; one uniform value per part and image, from a table of
@@ -46,8 +46,20 @@ import math
 
 import torch
 
-from ._checks import ArgumentTypeError, _require_bool, _require_finite, _require_generator, _require_int
-from .vmf import released_parts, vmf_kmeans
+from ._checks import (
+    ArgumentTypeError,
+    _require_bool,
+    _require_finite,
+    _require_generator,
+    _require_grid,
+    _require_int,
+    _require_tensor,
+    _square_grid,
+)
+from ._random import generator_device
+from .ops import vmf_kmeans
+from .primitives import PartMaskResult, top_k_mask
+from .reference import VMF_EPS, masked_count
 
 __all__ = [
     "VARIANTS",
@@ -116,17 +128,13 @@ def part_mask_released(
 ):
     """``part_mask(..., variant="released")`` after its shared checks (``attn``, ``mask_ratio``,
     ``progress``): checks the rest and returns the mask, or ``PartMaskResult`` with ``return_parts``."""
-    from .epm import PartMaskResult, _square_grid
-    from .masking import _grid
-    from .reference import masked_count
-
     check_paper_only_options(**paper_options)
     if num_parts is not None:
         num_parts = _require_int(num_parts, "num_parts", minimum=1, hint=" or None")
     return_parts = _require_bool(return_parts, "return_parts")
     _require_generator(generator)
     n = attn.shape[1]
-    h, w = _square_grid(n) if grid is None else _grid(grid)
+    h, w = _square_grid(n, "attn's", " with H * W = N") if grid is None else _require_grid(grid)
     if h * w != n:
         raise ValueError(f"grid {(h, w)} has {h * w} patches but attn has N = {n}")
     _require_finite(attn, "attn")
@@ -150,7 +158,7 @@ def released_part_mask(
     batch, n, _ = attn.shape
     _, w = grid
     device = attn.device
-    gen_device = generator.device if generator is not None else device
+    gen_device = generator_device(generator, device)
     low, high = released_num_parts_range(progress)
     if num_parts is None:
         k = int(torch.randint(low, high + 1, (1,), generator=generator, device=gen_device).item())
@@ -172,7 +180,18 @@ def released_part_mask(
     grid_noise = grid_table[(index // w) % 2, index % 2][None].expand(batch, n)  # i % 2, as released
     alpha = released_alpha(progress)
     noise = (1 - alpha) * grid_noise + alpha * part_table.gather(1, parts)
-    from .masking import top_k_mask  # masking imports epm, which imports this module lazily
-
     later_first = index.to(noise.dtype)[None].expand(batch, n)
     return top_k_mask(noise, num_mask, later_first), parts
+
+
+def released_parts(resp: torch.Tensor) -> torch.Tensor:
+    """The released code's part of each point: ``argmax_k z_ik / (1e-6 + sum_i z_ik)``.
+
+    Dividing by a part's mass before the argmax favours small parts (a point goes to the part
+    whose total responsibility is smallest among comparable ones). Ties go to the smaller k, as
+    ``torch.max`` does in the released code. ``resp`` ``[B, N, K]``; returns int64 ``[B, N]``.
+    """
+    _require_tensor(resp, "resp")
+    if resp.dim() != 3:
+        raise ValueError(f"resp must be a [B, N, K] tensor, got shape {list(resp.shape)}")
+    return (resp / (VMF_EPS + resp.sum(dim=1, keepdim=True))).argmax(dim=-1)

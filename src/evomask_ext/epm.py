@@ -7,9 +7,9 @@ mixture (Eq. 10-16), then every patch gets the score (Eq. 5, 6, 17, 18)
     P_i = (1 - alpha) * delta_grid[r(i)] + alpha * delta_part[S_i],    alpha = progress ** gamma,
 
 where ``delta_grid`` is a random 2x2 table indexed by the patch's row/column parity (the grid
-pattern, :func:`evomask_ext.masking.grid_scores`) and ``delta_part`` a random value per part, and
+pattern, :func:`evomask_ext.primitives.grid_scores`) and ``delta_part`` a random value per part, and
 the ``masked_count(N, r)`` patches with the highest scores are masked (equal scores: the higher
-noise first; equal noise too: the larger index, MAE's rule, :func:`evomask_ext.masking.top_k_mask`). Early in
+noise first; equal noise too: the larger index, MAE's rule, :func:`evomask_ext.primitives.top_k_mask`). Early in
 training the mask is a grid; late, whole parts are masked, most of them at once.
 """
 
@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from .ops import (
+from ._checks import (
     EM_ITERS_HINT,
     MAX_EM_ITERS,
     _require_bool,
     _require_finite,
     _require_floating,
     _require_generator,
+    _require_grid,
     _require_int,
     _require_real,
     _require_same_device,
@@ -34,14 +35,16 @@ from .ops import (
     _require_tensor,
     _require_unit_interval,
     _require_usable_ratio,
-    _rand,
-    draw_noise,
-    gmm_em,
+    _square_grid,
 )
-from .epm_released import part_mask_released, require_variant
+from ._random import rand
+from .epm_released import check_paper_only_options, part_mask_released, require_variant
+from .ops import draw_noise, gmm_em
+from .primitives import PartMaskResult, grid_scores, top_k_mask
 from .reference import masked_count
+from .strategy import MaskContext, MaskStrategy, context_tensor, register_strategy
 
-__all__ = ["num_parts_schedule", "part_mask", "part_labels", "PartMaskResult"]
+__all__ = ["num_parts_schedule", "part_mask", "part_labels", "PartMaskResult", "EPMMask"]
 
 
 def num_parts_schedule(progress: float, start: int = 40, end: int = 10) -> int:
@@ -65,34 +68,6 @@ def _check_attn(attn: Any, *, min_patches: int) -> None:
     _require_floating(attn, "attn")
     if attn.shape[1] < min_patches:
         raise ValueError(f"attn needs at least N = {min_patches} patches, got N = {attn.shape[1]}")
-
-
-def _square_grid(n: int) -> tuple[int, int]:
-    # round(sqrt) rather than math.isqrt, which torch.compile cannot trace on a symbolic N; exact
-    # for any N a tensor can have (the check below catches a non-square N either way).
-    side = round(n**0.5)
-    if side * side != n:
-        raise ValueError(f"attn has N = {n} patches, not a square grid; pass grid=(H, W) with H * W = N")
-    return side, side
-
-
-class PartMaskResult(tuple):
-    """``(mask, parts)``: the bool ``[B, N]`` mask and the ``[B, N]`` int64 part of every patch."""
-
-    __slots__ = ()
-
-    def __new__(cls, mask: torch.Tensor, parts: torch.Tensor):
-        return super().__new__(cls, (mask, parts))
-
-    @property
-    def mask(self) -> torch.Tensor:
-        """bool ``[B, N]``, True = masked."""
-        return self[0]
-
-    @property
-    def parts(self) -> torch.Tensor:
-        """int64 ``[B, N]``: the part (mixture component) of every patch."""
-        return self[1]
 
 
 def part_labels(
@@ -171,8 +146,6 @@ def part_mask(
     Cost: one ``gmm_em`` call (K components over N points in N dimensions, ``em_iters`` iterations)
     plus a sort per image.
     """
-    from .masking import _grid, grid_scores, top_k_mask  # masking imports this module's strategy
-
     _check_attn(attn, min_patches=2)
     batch, n, _ = attn.shape
     mask_ratio = _require_unit_interval(mask_ratio, "mask_ratio", open_interval=True)
@@ -191,7 +164,7 @@ def part_mask(
     reg_covar = _require_real(reg_covar, "reg_covar", greater_than=0.0)
     return_parts = _require_bool(return_parts, "return_parts")
     _require_generator(generator)
-    h, w = _square_grid(n) if grid is None else _grid(grid)
+    h, w = _square_grid(n, "attn's", " with H * W = N") if grid is None else _require_grid(grid)
     if h * w != n:
         raise ValueError(f"grid {(h, w)} has {h * w} patches but attn has N = {n}")
     _require_finite(attn, "attn")
@@ -200,7 +173,7 @@ def part_mask(
     k = min(num_parts, n)
     noise = draw_noise(batch, n, device, generator)
     grid_term = grid_scores(batch, (h, w), generator, device)
-    part_table = _rand((batch, k), generator, device)
+    part_table = rand((batch, k), generator, device)
     if batch == 0:
         empty = torch.zeros(0, n, dtype=torch.bool, device=device)
         return PartMaskResult(empty, empty.long()) if return_parts else empty
@@ -210,3 +183,45 @@ def part_mask(
     scores = (1.0 - alpha) * grid_term + alpha * part_table.gather(1, parts)  # EPM Eq. 18
     mask = top_k_mask(scores, masked_count(n, mask_ratio), noise)
     return PartMaskResult(mask, parts) if return_parts else mask
+
+
+@register_strategy
+class EPMMask(MaskStrategy):
+    """Evolved Part Masking (Feng & Zhang, CVPR 2023) via :func:`evomask_ext.epm.part_mask` on
+    ``ctx.attn`` ``[B, N, N]``: grid masks early, whole attention parts late
+    (``alpha = progress ** gamma``), K parts from the 40 -> 10 schedule unless ``num_parts`` is given.
+    ``variant="released"`` runs the authors' released code instead (:mod:`evomask_ext.epm_released`).
+    """
+
+    name = "epm"
+    needs = frozenset({"attn"})
+
+    def __init__(
+        self, mask_ratio: float, num_parts: int | None = None, gamma: float = 2.0, em_iters: int = 10,
+        variant: str = "paper",
+    ) -> None:
+        super().__init__(mask_ratio)
+        if num_parts is not None:
+            num_parts = _require_int(num_parts, "num_parts", minimum=1)
+        self.num_parts = num_parts
+        self.gamma = _require_real(gamma, "gamma", greater_than=0.0)
+        self.em_iters = _require_int(em_iters, "em_iters", minimum=0, maximum=MAX_EM_ITERS, hint=EM_ITERS_HINT)
+        # "released": the authors' code (evomask_ext.epm_released); its paper-only options are
+        # refused here, at construction, rather than at the first batch.
+        self.variant = require_variant(variant)
+        if self.variant == "released":
+            check_paper_only_options(gamma=self.gamma, em_iters=self.em_iters)
+
+    def _mask(self, ctx: MaskContext, progress: float) -> torch.Tensor:
+        n = ctx.num_patches
+        attn = context_tensor(ctx, "attn", (ctx.batch_size, n, n), self.name)
+        return part_mask(
+            attn, self.mask_ratio, progress, num_parts=self.num_parts, gamma=self.gamma, em_iters=self.em_iters,
+            generator=ctx.generator, grid=ctx.grid, variant=self.variant,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"EPMMask(mask_ratio={self.mask_ratio}, num_parts={self.num_parts}, gamma={self.gamma}, "
+            f"em_iters={self.em_iters}, variant={self.variant!r})"
+        )

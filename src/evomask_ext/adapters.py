@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .ops import ArgumentTypeError, _is_real_number, _require_bool, _require_tensor, _require_unit_interval
+from ._checks import ArgumentTypeError, _is_real_number, _require_bool, _require_tensor, _require_unit_interval
 
 __all__ = ["MAEIndices", "LightlyIndices", "check_mask", "to_mae", "to_hf_noise", "to_lightly"]
 

@@ -45,6 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .checkpoint import latest_valid_checkpoint, load_checkpoint
+from .data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image
+from .model import MODEL_SIZES, build_mae
+
 __all__ = [
     "DIGITS",
     "MAE_LINPROBE_BATCH",
@@ -208,8 +212,6 @@ class EvalData:
 def _image_folder(root: Path, transform, flag: str):
     from torchvision.datasets import DatasetFolder
 
-    from .data import IMAGE_EXTENSIONS, load_image
-
     def loader(path: str):
         try:
             return load_image(path)
@@ -279,8 +281,6 @@ def load_eval_data(
 
 
 def _normalise(imgs: torch.Tensor) -> torch.Tensor:
-    from .data import IMAGENET_MEAN, IMAGENET_STD
-
     if imgs.dtype == torch.uint8:
         x = imgs.float().div_(255.0)
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
@@ -608,9 +608,6 @@ def load_encoder(checkpoint: str | os.PathLike, device: str | torch.device = "cp
             holds another model size than ``model_size``, or weights that do not fit its own
             saved sizes.
     """
-    from .checkpoint import latest_valid_checkpoint, load_checkpoint
-    from .model import MODEL_SIZES, build_mae
-
     path = Path(checkpoint)
     try:
         if path.is_dir():
@@ -826,8 +823,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["knn", "linear"], default="knn", help="k-NN (DINO) or linear probe (MAE)")
     p.add_argument("--feature", choices=["cls", "avg"], default="cls",
                    help="CLS token (MAE's linear-probe default) or mean of the patch tokens, after the final norm")
-    from .model import MODEL_SIZES
-
     p.add_argument("--model", choices=sorted(MODEL_SIZES), default=None,
                    help="refuse a checkpoint that holds another encoder size (default: take the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:K")

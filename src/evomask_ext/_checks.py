@@ -18,10 +18,12 @@ import torch
 #: which Ctrl-C cannot interrupt (the kernels never return to Python in between), so an unbounded
 #: count could hang a process for hours. 1000 is 10x scikit-learn's default ``max_iter`` and 100x
 #: EPM's 10 iterations: far beyond any useful fit, still bounded. Same bound in the kernels
-#: (csrc/checks.h) and the reference.
+#: (csrc/checks.h) and the reference; ``vmf_kmeans`` has the same bound.
 MAX_EM_ITERS = 1000
 #: The reason that messages about ``num_iters`` / ``em_iters`` give, so that every backend says the same.
 EM_ITERS_HINT = " (the EM loop runs in one uninterruptible op call)"
+#: The same reason in ``vmf_kmeans``' messages (its loop is no EM).
+LOOP_ITERS_HINT = " (the loop runs in one uninterruptible op call)"
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -229,3 +231,23 @@ def _module_device(module: Any) -> torch.device | None:
         for tensor in module.buffers():
             return tensor.device
     return None
+
+
+def _require_grid(grid: Any, name: str = "grid") -> tuple[int, int]:
+    """``grid`` as an ``(H, W)`` pair of patch counts >= 1."""
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise ValueError(f"{name} must be a pair (H, W) of patch counts, got {grid!r}")
+    h = _require_int(grid[0], f"{name}[0] (H)", minimum=1)
+    w = _require_int(grid[1], f"{name}[1] (W)", minimum=1)
+    return h, w
+
+
+def _square_grid(n: int, subject: str, advice: str) -> tuple[int, int]:
+    """The ``(side, side)`` grid of ``n`` patches; ValueError ``"<subject> N = n is not a square grid;
+    pass grid=(H, W)<advice>"`` when ``n`` is not a square."""
+    # round(sqrt) rather than math.isqrt, which torch.compile cannot trace on a symbolic N; exact
+    # for any N a tensor can have (the check below catches a non-square N either way).
+    side = round(n**0.5)
+    if side * side != n:
+        raise ValueError(f"{subject} N = {n} is not a square grid; pass grid=(H, W){advice}")
+    return side, side

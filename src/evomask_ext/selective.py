@@ -26,8 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from .masking import MaskContext, MaskStrategy, random_mask, register_strategy, top_k_mask
-from .ops import (
+from ._checks import (
     ArgumentTypeError,
     _module_device,
     _require_finite,
@@ -37,8 +36,10 @@ from .ops import (
     _require_tensor,
     _require_unit_interval,
     _require_usable_ratio,
-    draw_noise,
 )
+from .ops import draw_noise
+from .primitives import random_mask, top_k_mask
+from .strategy import MaskContext, MaskStrategy, register_strategy
 
 __all__ = ["selective_scores", "selective_stage", "SelectiveMask", "mae_patch_errors"]
 

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from .masking import STRATEGIES, MaskContext, _grid, build_strategy
-from .ops import ArgumentTypeError, _require_device, _require_int, _require_tensor, _require_usable_ratio
+from ._checks import (
+    ArgumentTypeError,
+    _require_device,
+    _require_grid,
+    _require_int,
+    _require_tensor,
+    _require_usable_ratio,
+    _square_grid,
+)
+from .masking import STRATEGIES, MaskContext, build_strategy
 
 __all__ = ["EvolvedMasker"]
 
@@ -50,12 +57,19 @@ class EvolvedMasker:
         self.options = dict(options)
         self.strategy = build_strategy(strategy, mask_ratio, **options)
         self.mask_ratio = self.strategy.mask_ratio
-        self.grid = None if grid is None else _grid(grid)
+        self.grid = None if grid is None else _require_grid(grid)
         if self.grid is not None:  # N is known now; otherwise each call checks the ratio against its N
             _require_usable_ratio(self.mask_ratio, self.grid[0] * self.grid[1])
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.calls = 0
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """What the strategy reads besides the batch's size: ``"attn"`` (``[B, N, N]`` patch
+        attention, ``ehm``/``epm``), ``"cls_attn"`` (``[B, N]`` CLS attention, ``attn``),
+        ``"images"`` and ``"model"`` (``selective``). A loop computes only those."""
+        return self.strategy.needs
 
     @staticmethod
     def progress(step: int, total_steps: int) -> float:
@@ -95,7 +109,7 @@ class EvolvedMasker:
             raise ValueError(f"the {self.name!r} strategy needs attn, or batch_size and num_patches")
         batch_size = _require_int(batch_size, "batch_size", minimum=0)
         num_patches = _require_int(num_patches, "num_patches", minimum=2)
-        grid = self.grid or self._square(num_patches)
+        grid = self.grid or _square_grid(num_patches, "num_patches", " to EvolvedMasker")
         if grid[0] * grid[1] != num_patches:
             raise ValueError(f"grid {grid} has {grid[0] * grid[1]} patches, the batch has N = {num_patches}")
         ctx = MaskContext(batch_size, grid, device if device is not None else "cpu", self.generator,
@@ -103,13 +117,6 @@ class EvolvedMasker:
         mask = self.strategy(ctx, progress)
         self.calls += 1
         return mask
-
-    @staticmethod
-    def _square(n: int) -> tuple[int, int]:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"num_patches N = {n} is not a square grid; pass grid=(H, W) to EvolvedMasker")
-        return side, side
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue the same sequence of masks (tensors and plain values
