@@ -3,10 +3,10 @@
 -mavx2 -mfma, in namespaces evomask::cpu::baseline and evomask::cpu::avx2.
 
 Read from the library's machine code (objdump), not run: that the AVX2 variant really is AVX2 code
-(a compiler that ignored the flags would give a second baseline), and that no AVX instruction sits
-in any function outside the avx2 namespaces, which is what a shared inline function or template
-merged by the linker across the two builds would look like (a baseline path that dies with SIGILL
-on a CPU without AVX). Skips where that cannot be read: not x86-64, no objdump, a stripped
+(a compiler that ignored the flags would give a second baseline), and that the two builds share no
+function, which a shared inline function or template merged by the linker would show: AVX code in
+a function outside the avx2 namespaces (a baseline path that dies with SIGILL on a CPU without
+AVX), or avx2 code calling a function of the library outside them. Skips where that cannot be read: not x86-64, no objdump, a stripped
 library (a wheel's), or the reference fallback. That both variants give the same trees and fits
 is tested by the op tests (EVOMASK_CPU_ISA=baseline)."""
 
@@ -24,8 +24,12 @@ from evomask_ext import _loader
 
 ENTRY_POINTS = ("build_tree", "fit_gmm_items", "fit_vmf_items")
 # The only places AVX code may be: the avx2 build's namespace, and the inline namespace that
-# csrc/linkage.h's helpers get in that build.
-AVX2_NAMESPACES = ("evomask::cpu::avx2::", "evomask::avx2::")
+# csrc/linkage.h's helpers get in that build (after a template's return type, if any).
+_IN_AVX2_NAMESPACE = re.compile(r"^(?:[\w:<>*& ]+ )?evomask::(?:cpu::)?avx2::")
+
+
+def _in_avx2_namespace(name: str) -> bool:
+    return _IN_AVX2_NAMESPACE.match(name) is not None
 
 
 def _uses_avx(line: str) -> bool:
@@ -89,17 +93,16 @@ def test_both_variants_are_built(disassembly):
 
 
 def test_avx2_variant_is_avx2_code(disassembly):
-    """The avx2 build uses 256-bit registers in every entry point, and FMA in the EM fitters
-    (compiled with -ffp-contract=fast); a compiler that dropped -mavx2 -mfma would fail here."""
+    """Every avx2 entry point is AVX code (VEX-encoded: its source got the flags), and the avx2
+    build uses 256-bit registers; a compiler that dropped -mavx2 would fail here. (Per entry point
+    only VEX: unoptimised, an entry point may be a thin wrapper around helpers holding the vector
+    code. -mfma is checked when compiling: csrc/cpu/isa/kernels.h stops without __FMA__; whether
+    FMA instructions appear depends on the optimisation level.)"""
     for entry in ENTRY_POINTS:
         code = _entry(disassembly, "avx2", entry)
-        assert any("%ymm" in line for line in code), f"evomask::cpu::avx2::{entry} has no AVX2 (ymm) instruction"
-    fma = [
-        name
-        for name, code in disassembly.items()
-        if name.startswith(AVX2_NAMESPACES) and any(re.search(r"\tvfn?m(add|sub)", line) for line in code)
-    ]
-    assert fma, "no FMA instruction in the avx2 build of the EM fitters"
+        assert any(_uses_avx(line) for line in code), f"evomask::cpu::avx2::{entry} has no AVX instruction"
+    avx2_code = [line for name, code in disassembly.items() if _in_avx2_namespace(name) for line in code]
+    assert any("%ymm" in line for line in avx2_code), "no 256-bit (ymm) instruction in the avx2 build"
 
 
 def test_no_avx_outside_the_avx2_namespace(disassembly):
@@ -111,6 +114,25 @@ def test_no_avx_outside_the_avx2_namespace(disassembly):
     leaks = sorted(
         name
         for name, code in disassembly.items()
-        if not name.startswith(AVX2_NAMESPACES) and any(_uses_avx(line) for line in code)
+        if not _in_avx2_namespace(name) and any(_uses_avx(line) for line in code)
     )
     assert not leaks, f"AVX code outside evomask::cpu::avx2 (runs on CPUs without AVX): {leaks[:10]}"
+
+
+def test_avx2_code_calls_only_avx2_code(disassembly):
+    """The other direction of the same merge: the avx2 build calling a function of this library
+    outside its namespace (the baseline copy the linker kept of a shared inline function) loses
+    AVX2 there, or runs code built for another capability. Calls into other libraries (libm's exp,
+    memset: through the PLT) are fine."""
+    strays = set()
+    for name, code in disassembly.items():
+        if not _in_avx2_namespace(name):
+            continue
+        for line in code:
+            target = re.search(r"\t(?:call|jmp)q?\s+[0-9a-f]+ <([^>]*)>", line)
+            if target is None or "@plt" in target.group(1):
+                continue
+            callee = re.sub(r"\+0x[0-9a-f]+$", "", target.group(1))
+            if callee != name and not _in_avx2_namespace(callee):
+                strays.add(f"{name} -> {callee}")
+    assert not strays, f"the avx2 build calls code outside its namespace: {sorted(strays)[:10]}"
