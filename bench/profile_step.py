@@ -7,6 +7,14 @@ extra step per strategy runs under ``torch.profiler`` and its top kernels go to 
 
     python bench/profile_step.py                                  # ViT-B/16, 224 px, batch 128
     python bench/profile_step.py --model tiny --img-size 64 --patch-size 8 --batch-size 16 --device cpu
+    python bench/profile_step.py --attention-path fused hook      # A/B of attention_maps' two paths
+
+``--attention-path`` picks how :func:`evomask_ext.attention_maps` reads the attention: ``fused``
+(the default, as the trainer runs: timm's plain ``Attention`` blocks run fused and the
+probabilities are computed from their q and k) or ``hook`` (every block unfused, the softmax read
+by a hook on ``attn_drop``: the only path before, and the one for every other attention). Each
+strategy that reads attention is profiled once per path given; the others (``random``) once. The
+path asked for and the paths ``attention_maps`` actually took are in each result.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from pathlib import Path
 import torch
 
 from evomask_ext import EvolvedMasker
+from evomask_ext import attention as attention_module
 from evomask_train.mask_fn import ModelMasks
 from evomask_train.model import build_mae
 
@@ -68,7 +77,26 @@ class PhaseMasker(ModelMasks):
         return mask
 
 
-def profile(args, mask_name: str, device: torch.device) -> dict:
+ATTENTION_PATHS = ("fused", "hook")
+
+
+def profile(args, mask_name: str, device: torch.device, path: str = "fused") -> dict:
+    """One strategy's step profile with attention_maps on ``path`` ("fused" or "hook")."""
+    saved = attention_module._FUSED_PATH
+    before = attention_module._PATH_CALLS.copy()
+    attention_module._FUSED_PATH = path == "fused"
+    try:
+        result = _profile(args, mask_name, device)
+    finally:
+        attention_module._FUSED_PATH = saved
+    taken = attention_module._PATH_CALLS - before
+    if taken and set(taken) != {path}:
+        print(f"WARNING: {mask_name}: asked for the {path} attention path, attention_maps took {dict(taken)}",
+              file=sys.stderr)
+    return {"mask": mask_name, "attention_path": path, "attention_path_taken": dict(taken), **result}
+
+
+def _profile(args, mask_name: str, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build_mae(args.model, args.img_size, args.patch_size).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
@@ -107,7 +135,6 @@ def profile(args, mask_name: str, device: torch.device) -> dict:
     table = prof.key_averages().table(sort_by=sort, row_limit=15)
     step_ms, attn_ms, mask_ms = (statistics.median(v) for v in (steps, attn, mask))
     return {
-        "mask": mask_name,
         "step_ms": step_ms,
         "attention_ms": attn_ms,
         "mask_op_ms": mask_ms,
@@ -127,6 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--attn-layers", type=int, default=None, help="default: half the depth")
     parser.add_argument("--progress", type=float, default=0.5, help="training progress t/T for the masks")
     parser.add_argument("--masks", nargs="+", default=["random", "ehm", "epm"])
+    parser.add_argument("--attention-path", nargs="+", choices=ATTENTION_PATHS, default=["fused"],
+                        help="attention_maps' path: fused (default, timm Attention blocks) and/or hook (A/B)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -135,12 +164,17 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     env = {"date": dt.date.today().isoformat(), "torch": torch.__version__, "device": str(device),
            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "command": " ".join(sys.argv)}
-    results = [profile(args, name, device) for name in args.masks]
-    header = f"{'mask':<10}{'step ms':>10}{'attn ms':>10}{'mask ms':>10}{'attn %':>9}{'mask %':>9}"
+    paths = list(dict.fromkeys(args.attention_path))
+    results = []
+    for name in args.masks:
+        reads = bool(EvolvedMasker(name, 0.75, seed=0).needs & {"attn", "cls_attn"})
+        results += [profile(args, name, device, path) for path in (paths if reads else paths[:1])]
+    header = f"{'mask':<10}{'path':<7}{'step ms':>10}{'attn ms':>10}{'mask ms':>10}{'attn %':>9}{'mask %':>9}"
     lines = [json.dumps(env), f"model {args.model}, {args.img_size} px, patch {args.patch_size}, batch {args.batch_size}",
              header, "-" * len(header)]
     for r in results:
-        lines.append(f"{r['mask']:<10}{r['step_ms']:>10.2f}{r['attention_ms']:>10.2f}{r['mask_op_ms']:>10.2f}"
+        path = "+".join(sorted(r["attention_path_taken"])) or "-"  # the path(s) attention_maps took
+        lines.append(f"{r['mask']:<10}{path:<7}{r['step_ms']:>10.2f}{r['attention_ms']:>10.2f}{r['mask_op_ms']:>10.2f}"
                      f"{100 * r['attention_share']:>8.2f}%{100 * r['mask_op_share']:>8.2f}%")
     print("\n".join(lines))
     if args.out is not None:
@@ -148,7 +182,7 @@ def main(argv=None) -> int:
         args.out.with_suffix(".json").write_text(json.dumps({"environment": env, "args": vars(args) | {"out": str(args.out)},
                                                              "results": results}, indent=1, default=str))
         args.out.with_suffix(".txt").write_text("\n".join(lines) + "\n\n" + "\n\n".join(
-            f"== {r['mask']}\n{r['profiler_top']}" for r in results))
+            f"== {r['mask']} ({r['attention_path']} attention path)\n{r['profiler_top']}" for r in results))
     return 0
 
 

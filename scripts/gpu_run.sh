@@ -98,7 +98,12 @@ if [[ " $STEPS " == *" sanitize "* ]]; then
 fi
 
 if [[ " $STEPS " == *" profile "* ]] && [ -f bench/profile_step.py ]; then
-  $PY bench/profile_step.py ${PROFILE_ARGS:-} --out "$OUT/profile" >"$LOGS/profile.log" 2>&1
+  # Both attention_maps paths (fused: timm Attention run fused, probabilities from its q and k;
+  # hook: unfused, softmax read at attn_drop) in one run: the strategies that read attention are
+  # profiled once per path (two profiles more: ehm and epm on the hook path), all into
+  # profile.json/.txt (no extra file comes back); PROFILE_PATHS=fused runs the default path alone.
+  timeout ${PROFILE_TIMEOUT:-240} $PY bench/profile_step.py --attention-path ${PROFILE_PATHS:-fused hook} ${PROFILE_ARGS:-} \
+    --out "$OUT/profile" >"$LOGS/profile.log" 2>&1
   rc=$?; tail -20 "$LOGS/profile.log"; echo "profile rc=$rc"; [ $rc -eq 0 ] || status=1
 fi
 if [[ " $STEPS " == *" ncu "* ]] && command -v ncu >/dev/null; then

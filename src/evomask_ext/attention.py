@@ -11,11 +11,24 @@ What cannot be read this way is refused with an error naming the model or block 
 no attention module, several in one block (parallel attention), differential attention (a
 difference of two softmaxes, not a probability map), or a recorded tensor that is not a softmax
 over the token sequence (e.g. talking heads that mix heads after the softmax, windowed attention).
+
+One exception to "read, never re-derived", in :func:`attention_maps` only: when every block it
+runs is a timm ``Block`` / ``ResPostBlock`` whose attention is exactly timm's plain ``Attention``
+(no subclass, no patched forward, a hook-free ``nn.Dropout`` as ``attn_drop``), nothing can stand
+between that class's softmax and its ``attn_drop``, so the probabilities are a known function of
+its q and k. Those blocks then run with fused attention on (``scaled_dot_product_attention``) and
+the probabilities are computed once per read block from the very q and k tensors the block hands
+to its attention kernel (forward hooks on its ``q_norm`` / ``k_norm``, so q/k norms included and
+no projection recomputed), as timm's unfused forward computes them: ``softmax(q * scale @ k^T)``,
+the matmul in the autocast dtype, the softmax and the head and layer reductions in float32, one
+float32 ``[B, heads, rows, T]`` at a time. See :class:`_FusedReader`.
 """
 
 from __future__ import annotations
 
+import collections
 import inspect
+import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -37,6 +50,13 @@ __all__ = ["AttentionMaps", "block_attention_probs", "attention_maps", "attentio
 
 # Rows of a softmax sum to one; bf16/fp16 probabilities carry about 3 significant digits.
 _ROW_SUM_TOLERANCE = 2e-2
+
+#: Private switch: False makes attention_maps take the hook path for every model (tests compare
+#: both paths with it; bench/profile_step.py --attention-path hook sets it).
+_FUSED_PATH = True
+
+#: Private counter of the paths attention_maps took ("fused" / "hook"), one per call that ran blocks.
+_PATH_CALLS: collections.Counter = collections.Counter()
 
 
 class AttentionMaps(NamedTuple):
@@ -172,6 +192,154 @@ class _Recorder:
                 f"probability distribution by up to {float(worst):.3g}, more than {_ROW_SUM_TOLERANCE:g}): heads "
                 "mixed after the softmax or another attention form; not supported"
             )
+
+
+def _timm_plain_attention_types() -> tuple[type | None, tuple[type, ...]]:
+    """timm's plain ``Attention`` class and its ViT blocks that call it as ``attn(norm1(x))`` /
+    ``attn(x)``, if timm is imported (a timm block in ``blocks`` means it is); ``(None, ())``
+    otherwise. Looked up in ``sys.modules`` so evomask_ext neither imports nor needs timm."""
+    vit = sys.modules.get("timm.models.vision_transformer")
+    if vit is None:
+        return None, ()
+    blocks = tuple(t for t in (getattr(vit, "Block", None), getattr(vit, "ResPostBlock", None)) if isinstance(t, type))
+    attention = getattr(vit, "Attention", None)  # timm.layers.Attention, re-exported (defined there before 1.0)
+    return (attention if isinstance(attention, type) else None), blocks
+
+
+def _fusable(blocks: Sequence[nn.Module]) -> bool:
+    """Whether every block run may take the fused path (see :class:`_FusedReader`).
+
+    Each must be exactly a timm ``Block`` / ``ResPostBlock`` holding exactly timm's ``Attention``
+    (not a subclass, which may change the scores, as RelPos, RoPE, EVA and BEiT attentions add to
+    them before the softmax), neither with a forward patched onto the instance; its ``attn_drop`` a plain ``nn.Dropout``
+    without hooks (nothing between softmax and dropout can change the probabilities, and no hook
+    expects to see them); separate ``q_norm`` / ``k_norm`` modules; no attention module shared
+    between blocks. Anything else takes the hook path, which reads whatever the model computes.
+    """
+    if not _FUSED_PATH or not blocks:
+        return False
+    attention_type, block_types = _timm_plain_attention_types()
+    if attention_type is None or not block_types:
+        return False
+    seen: set[int] = set()
+    for block in blocks:
+        if type(block) not in block_types or "forward" in vars(block):
+            return False
+        attn = getattr(block, "attn", None)
+        if type(attn) is not attention_type or "forward" in vars(attn) or id(attn) in seen:
+            return False
+        seen.add(id(attn))
+        if not all(hasattr(attn, name) for name in ("q_norm", "k_norm", "scale", "fused_attn")):
+            return False  # a timm whose Attention predates q/k norms
+        if not isinstance(attn.q_norm, nn.Module) or not isinstance(attn.k_norm, nn.Module) or attn.q_norm is attn.k_norm:
+            return False
+        drop = attn.attn_drop
+        if type(drop) is not nn.Dropout or drop._forward_hooks or drop._forward_pre_hooks:
+            return False
+    return True
+
+
+class _FusedReader:
+    """The fused path of :func:`attention_maps` for timm's plain ``Attention`` (see :func:`_fusable`).
+
+    timm's ``Attention.forward`` is ``qkv -> (q, k, v) -> q, k = q_norm(q), k_norm(k) ->`` either
+    ``scaled_dot_product_attention(q, k, v)`` (fused) or ``softmax(q * scale @ k^T) -> attn_drop ->
+    @ v`` (unfused; no mask here, since ``attention_maps`` runs ``block(x)``). The read blocks run
+    fused, and forward hooks on ``q_norm`` and ``k_norm`` (called in that order, once each) take the
+    q and k tensors the kernel gets: exactly the block's, q/k norms included, with no projection
+    or norm recomputed (a hook on ``qkv`` would have to re-apply the norms; a hook on the module's
+    input, the whole qkv matmul). From them the probabilities are computed as the unfused forward
+    does, ``softmax(q * scale @ k^T)``: the matmul in q's dtype (bf16 under autocast, as unfused
+    timm), the softmax in float32, reduced over heads at once (mean, or sum for ``reduce="sum"``)
+    into one float32 ``[B, N, N]`` accumulator; only the rows needed are computed (the N patch rows
+    for ``patch``, row 0 alone for a block read only for ``cls``), so at most one float32
+    ``[B, heads, rows, T]`` exists at a time and none outlives its block. The last read block stops
+    in its ``k_norm`` hook, before its attention kernel. The rows are a softmax by construction, so
+    no row-sum check (and no host sync) is needed.
+    """
+
+    def __init__(self, modules: dict[int, nn.Module], patch_layers: int, cls_index: int | None, prefix: int,
+                 reduce: str):
+        self.modules = modules
+        self.patch_layers = patch_layers
+        self.cls_index = cls_index
+        self.prefix = prefix
+        self.reduce = reduce
+        self.last = max(modules)
+        self.patch: torch.Tensor | None = None
+        self.cls: torch.Tensor | None = None
+        self.done: set[int] = set()
+        self._q: dict[int, torch.Tensor] = {}
+
+    def _q_hook(self, index: int):
+        def keep(module: nn.Module, args: tuple, q: torch.Tensor) -> None:
+            self._q[index] = q
+
+        return keep
+
+    def _k_hook(self, index: int):
+        def record(module: nn.Module, args: tuple, k: torch.Tensor) -> None:
+            q = self._q.pop(index, None)
+            if q is None or index in self.done:
+                raise ArgumentTypeError(
+                    f"blocks[{index}]: its attention did not call q_norm then k_norm once each, as timm's "
+                    "Attention does: the fused attention path cannot read it"
+                )
+            self._record(index, q, k)
+            self.done.add(index)
+            if index == self.last:
+                raise _StopForward
+
+        return record
+
+    def _record(self, index: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        attn = self.modules[index]
+        in_patch, in_cls, p = index < self.patch_layers, index == self.cls_index, self.prefix
+        if in_cls:
+            rows = q if in_patch else q[:, :, :1]  # [B, H, T or 1, hd]
+        else:
+            rows = q[:, :, p:]  # [B, H, N, hd]: the patch rows only
+        rows = rows * attn.scale  # as timm's unfused forward: q scaled, then the matmul (autocast dtype)
+        probs = torch.softmax(rows @ k.transpose(-2, -1), dim=-1, dtype=torch.float32)  # [B, H, rows, T]
+        if in_cls:
+            self.cls = probs[:, :, 0, p:].mean(dim=1)
+        if in_patch:
+            patch = probs[:, :, p:, p:] if in_cls else probs[..., p:]
+            patch = patch.mean(dim=1) if self.reduce == "mean" else patch.sum(dim=1)
+            self.patch = patch if self.patch is None else self.patch.add_(patch)
+
+    @contextmanager
+    def attached(self) -> Iterator["_FusedReader"]:
+        """Fused attention on and q/k hooks on for the pass; both undone on every exit."""
+        handles, fused = [], {}
+        try:
+            for index, module in self.modules.items():
+                fused[index] = module.fused_attn
+                module.fused_attn = True
+                handles.append(module.q_norm.register_forward_hook(self._q_hook(index)))
+                handles.append(module.k_norm.register_forward_hook(self._k_hook(index)))
+            try:
+                yield self
+            except _StopForward:
+                pass
+        finally:
+            for handle in handles:
+                handle.remove()
+            for index, value in fused.items():
+                self.modules[index].fused_attn = value
+            self._q.clear()
+
+    def maps(self) -> AttentionMaps:
+        missing = sorted(set(self.modules) - self.done)
+        if missing:
+            raise ArgumentTypeError(
+                f"blocks[{missing[0]}] did not run its attention's q_norm / k_norm during the forward: the "
+                "fused attention path cannot read it"
+            )
+        patch = self.patch
+        if patch is not None and self.reduce == "mean":
+            patch = patch / self.patch_layers
+        return AttentionMaps(patch=patch, cls=self.cls)
 
 
 def _eval_mode(model: nn.Module):
@@ -314,7 +482,9 @@ def attention_maps(
             as the EPM authors' released code does with all blocks of its EMA encoder.
 
     The probabilities are those the blocks compute (read by a hook, fused attention off for the
-    blocks read). Blocks that take positions from their model (RoPE, shared relative positions:
+    blocks read). Blocks that are all timm ``Block`` / ``ResPostBlock`` with timm's plain
+    ``Attention`` (the trainer's MAE, ViT/DeiT/registers/q-k-norm ViTs) run fused instead, the
+    probabilities computed in float32 from the q and k each block's kernel gets (module docstring). Blocks that take positions from their model (RoPE, shared relative positions:
     EVA-02, RoPE ViTs, ``vit_srelpos``, BEiT with a shared bias) are refused, since ``block(x)``
     would run them without: use :func:`attention_similarity` on the model for those. The blocks
     run in eval mode for the pass (no dropout), their modes restored after. Bad ``blocks`` /
@@ -352,6 +522,15 @@ def attention_maps(
     if not read:
         return AttentionMaps(patch=None, cls=None)
     run = nn.ModuleList(blocks[: last + 1])
+    if _fusable(run):
+        _PATH_CALLS["fused"] += 1
+        reader = _FusedReader(recorder.modules, patch_layers, cls_index, num_prefix_tokens, reduce)
+        with _eval_mode(run), reader.attached():
+            x = tokens
+            for block in run:
+                x = block(x)
+        return reader.maps()
+    _PATH_CALLS["hook"] += 1
     with _eval_mode(run), recorder.attached():
         x = tokens
         for block in run:
