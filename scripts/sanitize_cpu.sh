@@ -29,7 +29,7 @@ fi
 if [ "$#" -eq 0 ]; then
   set -- tests/test_bad_inputs.py tests/test_opcheck.py tests/test_registration.py tests/test_linkage_tree.py \
     tests/test_hier_mask.py tests/test_gmm_em.py tests/test_vmf_kmeans.py tests/test_epm.py tests/test_epm_released.py \
-    tests/test_masking.py tests/test_fuzz.py
+    tests/test_masking.py tests/test_fuzz.py tests/test_cpu_isa.py
 fi
 echo "[sanitize] running under ASan + UBSan: $*"
 # pytest captures fd 2, and an abort loses what was captured: reports go to files instead.
