@@ -43,7 +43,7 @@ void TreeBuilder::build(const float* sim, int64_t n, int64_t* children, float* h
   static const BuildFn build_tree = pick_build();
   // Rows padded to whole cache lines, and to an odd number of them: with a power-of-two stride
   // (N = 1024: 4 KB) the column writes of every merge all fall into a few cache sets and thrash
-  // them; N = 1024 took 7 ms per image instead of ~2.5.
+  // them (measured: bench/README.md).
   int64_t ld = (n + 15) / 16 * 16;
   if ((ld / 16) % 2 == 0) ld += 16;
   matrix_.resize(static_cast<size_t>(n * ld));

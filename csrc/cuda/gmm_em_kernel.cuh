@@ -23,8 +23,8 @@
 namespace evomask::cuda {
 namespace {
 
-// 16 warps, two blocks per SM (64 registers a thread): one block alone is latency-bound (on an
-// H200 B=1 took 4.7 ms and B=256 5.8 ms with 8 warps), so more warps hide more of it.
+// 16 warps, two blocks per SM (64 registers a thread): one block alone is latency-bound (its time
+// hardly grows from B=1 to B=256 with 8 warps; bench/README.md), so more warps hide more of it.
 constexpr int kEmThreads = 512;
 constexpr int kEmBlocksPerSm = 2;
 constexpr int kEmWarps = kEmThreads / 32;

@@ -511,11 +511,16 @@ def load_embedded_images() -> tuple[torch.Tensor, ...]:
     return tuple(images)
 
 
+def _mixed_seed(*values: int) -> int:
+    """A 63-bit seed mixed from non-negative reductions of ``values``."""
+    entropy = [int(v) % 2**64 for v in values]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    return int(state) & (2**63 - 1)
+
+
 def _sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     """A torch generator seeded from (seed, epoch, index) through numpy's SeedSequence mixing."""
-    entropy = [int(seed) % 2**64, int(epoch) % 2**64, int(index) % 2**64]
-    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & (2**63 - 1))
+    return torch.Generator().manual_seed(_mixed_seed(seed, epoch, index))
 
 
 # Not torchvision's RandomResizedCrop.get_params: it draws from torch's global generator, and a
@@ -651,13 +656,6 @@ def build_dataset(
 # --------------------------------------------------------------------------------------------
 
 _LOADER_STREAM = 0x6C6F6164  # separates the loader's worker-seed stream from the sampler's
-
-
-def _mixed_seed(*values: int) -> int:
-    """A 63-bit seed mixed from non-negative reductions of ``values``."""
-    entropy = [int(v) % 2**64 for v in values]
-    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
-    return int(state) & (2**63 - 1)
 
 
 class SeededRandomSampler(RandomSampler):

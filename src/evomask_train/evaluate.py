@@ -449,6 +449,27 @@ def _cosine_lr(step: float, steps_per_epoch: int, epochs: int, warmup_epochs: fl
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
+def _probe_head(dim: int, num_classes: int, gen: torch.Generator) -> torch.nn.Sequential:
+    """MAE's probe: ``BatchNorm1d(affine=False)`` + ``Linear`` (trunc-normal 0.01, zero bias), drawn from ``gen``."""
+    # skip_init: nn.Linear's own initialisation would draw from the global generator.
+    linear = torch.nn.utils.skip_init(torch.nn.Linear, dim, num_classes)
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+    torch.nn.init.trunc_normal_(head[1].weight, std=0.01, generator=gen)
+    torch.nn.init.zeros_(head[1].bias)
+    return head
+
+
+def _probe_optimizer(head: torch.nn.Sequential, optimizer: str, lr: float, weight_decay: float):
+    """LARS (rate adaptation on the weight matrix only, as MAE's) or SGD, both momentum 0.9."""
+    from timm.optim import Lars
+
+    groups = [{"params": [head[1].weight], "weight_decay": weight_decay, "always_adapt": True},
+              {"params": [head[1].bias], "weight_decay": 0.0, "always_adapt": False}]
+    if optimizer == "lars":
+        return Lars(groups, lr=lr, momentum=0.9, trust_coeff=0.001)
+    return torch.optim.SGD([{k: v for k, v in g.items() if k != "always_adapt"} for g in groups], lr=lr, momentum=0.9)
+
+
 def linear_probe(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -499,8 +520,6 @@ def linear_probe(
         ``{"top1", "top5", "train_top1"`` (percent), ``"lr", "epochs", "warmup_epochs", "steps",
         "final_loss"}``.
     """
-    from timm.optim import Lars
-
     if optimizer not in ("lars", "sgd"):
         raise ValueError(f"optimizer must be 'lars' or 'sgd', got {optimizer!r}")
     n, dim = train_features.shape
@@ -508,22 +527,12 @@ def linear_probe(
         raise ValueError(f"the linear probe needs at least 2 training features, got {n}")
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
-    # skip_init: nn.Linear's own initialisation would draw from the global generator.
-    linear = torch.nn.utils.skip_init(torch.nn.Linear, dim, num_classes)
-    head = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
-    torch.nn.init.trunc_normal_(head[1].weight, std=0.01, generator=gen)
-    torch.nn.init.zeros_(head[1].bias)
-    head.to(device)
+    head = _probe_head(dim, num_classes, gen).to(device)
     x, y = train_features.float().to(device), train_labels.to(device)
     batch = min(batch_size, n)
     if lr is None:
         lr = blr * (MAE_LINPROBE_BATCH if optimizer == "lars" else batch) / 256
-    groups = [{"params": [head[1].weight], "weight_decay": weight_decay, "always_adapt": True},
-              {"params": [head[1].bias], "weight_decay": 0.0, "always_adapt": False}]
-    if optimizer == "lars":
-        opt = Lars(groups, lr=lr, momentum=0.9, trust_coeff=0.001)
-    else:
-        opt = torch.optim.SGD([{k: v for k, v in g.items() if k != "always_adapt"} for g in groups], lr=lr, momentum=0.9)
+    opt = _probe_optimizer(head, optimizer, lr, weight_decay)
     steps_per_epoch = n // batch + (1 if n % batch > 1 else 0)
     if epochs is None:
         epochs = max(90, math.ceil(MAE_LINPROBE_STEPS / steps_per_epoch))
