@@ -1,7 +1,8 @@
 """Single-thread CPU linkage_tree per image against fastcluster and scipy, measured in one run.
 
 The three run on the same images (ViT-attention-like softmax similarities as in bench_ops.py,
-and uniform random ones): the kernel gets the [B, N, N] batch on one thread, fastcluster and scipy
+uniform random ones, and with ``--inputs trained --checkpoint CKPT`` a briefly trained encoder's
+attention, where trees chain: bench/trained_attention.py): the kernel gets the [B, N, N] batch on one thread, fastcluster and scipy
 get each image's condensed distance vector of ``max(sym) - sym`` (precomputed, not timed; the
 kernel's time includes its own symmetrisation). Rounds are interleaved so that load from other
 processes hits every method alike; each figure is the median over rounds (or the best round,
@@ -40,8 +41,12 @@ def per_image_ms(fn, images: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / images
 
 
-def bench(n: int, batch: int, rounds: int, inputs: str, seed: int, stat: str = "median") -> dict:
-    sim = attention_like(batch, n, seed, "cpu") if inputs == "attention" else uniform_like(batch, n, seed)
+def bench(n: int, batch: int, rounds: int, inputs: str, seed: int, stat: str = "median",
+          trained: torch.Tensor | None = None) -> dict:
+    if inputs == "trained":
+        sim = trained.repeat(-(-batch // trained.shape[0]), 1, 1)[:batch].contiguous()
+    else:
+        sim = attention_like(batch, n, seed, "cpu") if inputs == "attention" else uniform_like(batch, n, seed)
     dists = [condensed_distances(s) for s in sim.numpy()]
     op = torch.ops.evomask.linkage_tree
     methods = {"kernel-1t": lambda: op(sim)}
@@ -75,7 +80,9 @@ def bench(n: int, batch: int, rounds: int, inputs: str, seed: int, stat: str = "
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 196, 576])
-    parser.add_argument("--inputs", nargs="+", default=["attention", "uniform"], choices=["attention", "uniform"])
+    parser.add_argument("--inputs", nargs="+", default=["attention", "uniform"], choices=["attention", "uniform", "trained"],
+                        help="trained: a trained encoder's attention (needs --checkpoint; N is its patch count)")
+    parser.add_argument("--checkpoint", default=None, help="evomask-pretrain checkpoint for --inputs trained")
     parser.add_argument("--images", type=int, default=0, help="images per round (default: ~40 ms of work)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
@@ -89,10 +96,17 @@ def main(argv: list[str] | None = None) -> int:
           "interleaved rounds; ratio = anchor time / kernel time (> 1: kernel faster)")
     header = f"{'inputs':>9} {'N':>4} {'B':>4} {'kernel-1t':>10} {'fastcluster':>12} {'scipy':>9} {'fc/kernel':>10} {'scipy/kernel':>13}"
     print(header)
+    trained = None
+    if "trained" in args.inputs:
+        if not args.checkpoint:
+            parser.error("--inputs trained needs --checkpoint")
+        from trained_attention import trained_attention
+
+        trained = trained_attention(args.checkpoint, 64, args.seed)
     for inputs in args.inputs:
-        for n in args.sizes:
+        for n in ([trained.shape[1]] if inputs == "trained" else args.sizes):
             batch = args.images or max(4, int(40 * (196 / n) ** 2))
-            r = bench(n, batch, args.rounds, inputs, args.seed, args.stat)
+            r = bench(n, batch, args.rounds, inputs, args.seed, args.stat, trained)
             print(f"{inputs:>9} {n:>4} {batch:>4} {r['kernel-1t']:>10.4f} {r.get('fastcluster', float('nan')):>12.4f} "
                   f"{r['scipy']:>9.4f} {r.get('vs_fastcluster', float('nan')):>10.2f} {r['vs_scipy']:>13.2f}")
     return 0

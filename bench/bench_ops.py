@@ -62,6 +62,20 @@ def attention_like(batch: int, n: int, seed: int, device: str) -> torch.Tensor:
     return logits.softmax(-1).to(device)
 
 
+#: N -> a bank of maps from a trained encoder (``--checkpoint``): the "trained" input family.
+TRAINED: dict[int, torch.Tensor] = {}
+
+
+def tree_inputs(batch: int, n: int, seed: int, device: str) -> torch.Tensor:
+    """The maps the tree ops are timed on: a trained encoder's (``TRAINED``, repeated to ``batch``)
+    when ``--checkpoint`` gave one of this N, else :func:`attention_like`."""
+    bank = TRAINED.get(n)
+    if bank is None:
+        return attention_like(batch, n, seed, device)
+    reps = -(-batch // bank.shape[0])
+    return bank.repeat(reps, 1, 1)[:batch].contiguous().to(device)
+
+
 def gmm_inputs(batch: int, n: int, k: int, seed: int, device: str):
     x = attention_like(batch, n, seed, "cpu")
     gen = torch.Generator().manual_seed(seed + 1)
@@ -189,21 +203,21 @@ def linkage_cases(n: int, devices: list[str], seed: int, max_python_n: int) -> l
     for device in devices:
         tag = "cuda" if device == "cuda" else "cpu"
         if compiled("linkage_tree", tag.upper()):
-            cases.append(Case(tag, device, lambda b, d=device: (lambda s=attention_like(b, n, seed, d): op(s))))
+            cases.append(Case(tag, device, lambda b, d=device: (lambda s=tree_inputs(b, n, seed, d): op(s))))
             if device == "cpu":
-                cases.append(Case("cpu-1t", device, lambda b: (lambda s=attention_like(b, n, seed, "cpu"): op(s)), threads=1))
+                cases.append(Case("cpu-1t", device, lambda b: (lambda s=tree_inputs(b, n, seed, "cpu"): op(s)), threads=1))
             else:
                 cases.append(
-                    Case("cuda-warp", device, lambda b, d=device: (lambda s=attention_like(b, n, seed, d): op(s)), env=WARP_TREE)
+                    Case("cuda-warp", device, lambda b, d=device: (lambda s=tree_inputs(b, n, seed, d): op(s)), env=WARP_TREE)
                 )
         cases.append(
-            Case(f"reference-{tag}", device, lambda b, d=device: (lambda s=attention_like(b, n, seed, d): reference.linkage_tree(s)))
+            Case(f"reference-{tag}", device, lambda b, d=device: (lambda s=tree_inputs(b, n, seed, d): reference.linkage_tree(s)))
         )
     try:
         from scipy.cluster.hierarchy import linkage as scipy_linkage
 
         def scipy_make(b):
-            dists = [condensed_distances(s) for s in attention_like(b, n, seed, "cpu").numpy()]
+            dists = [condensed_distances(s) for s in tree_inputs(b, n, seed, "cpu").numpy()]
             return lambda: [scipy_linkage(c, method="average") for c in dists]
 
         cases.append(Case("scipy", "cpu", scipy_make, threads=1))
@@ -213,7 +227,7 @@ def linkage_cases(n: int, devices: list[str], seed: int, max_python_n: int) -> l
         import fastcluster
 
         def fastcluster_make(b):
-            dists = [condensed_distances(s) for s in attention_like(b, n, seed, "cpu").numpy()]
+            dists = [condensed_distances(s) for s in tree_inputs(b, n, seed, "cpu").numpy()]
             return lambda: [fastcluster.linkage(c, method="average") for c in dists]
 
         cases.append(Case("fastcluster", "cpu", fastcluster_make, threads=1))
@@ -222,7 +236,7 @@ def linkage_cases(n: int, devices: list[str], seed: int, max_python_n: int) -> l
     if n <= max_python_n:
 
         def python_make(b):
-            sims = [s.tolist() for s in attention_like(b, n, seed, "cpu")]
+            sims = [s.tolist() for s in tree_inputs(b, n, seed, "cpu")]
             return lambda: [python_loop_linkage(s) for s in sims]
 
         cases.append(Case("python-loop", "cpu", python_make, threads=1))
@@ -236,7 +250,7 @@ def hier_mask_cases(n: int, devices: list[str], seed: int, ratio: float = 0.75, 
         tag = "cuda" if device == "cuda" else "cpu"
 
         def inputs(b, d=device):
-            return attention_like(b, n, seed, d), torch.rand(b, n, generator=torch.Generator().manual_seed(seed)).to(d)
+            return tree_inputs(b, n, seed, d), torch.rand(b, n, generator=torch.Generator().manual_seed(seed)).to(d)
 
         if compiled("hier_mask", tag.upper()):
             cases.append(Case(tag, device, lambda b, inputs=inputs: (lambda a=inputs(b): op(a[0], a[1], ratio, progress))))
@@ -444,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-python-n", type=int, default=196, help="largest N for the Python-loop anchor")
     parser.add_argument("--quick", action="store_true", help="B in {1, 8}, N in {64, 196}: a smoke run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", default=None,
+                        help="an evomask-pretrain checkpoint (file or folder): time linkage_tree and hier_mask on its "
+                             "encoder's attention (bench/trained_attention.py) at its N instead of --sizes")
     parser.add_argument("--out", type=Path, default=None, help="output stem (default bench/results/ops-<device>-<date>)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -451,6 +468,13 @@ def main(argv: list[str] | None = None) -> int:
         args.min_time, args.budget = 0.05, 0.5
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     env = environment()
+    if args.checkpoint:
+        from trained_attention import trained_attention
+
+        bank = trained_attention(args.checkpoint, 64, args.seed)
+        TRAINED[bank.shape[1]] = bank
+        args.sizes = [bank.shape[1]]
+        env["tree_inputs"] = f"trained: {args.checkpoint} (N = {bank.shape[1]}, 64 maps)"
     if args.out is None:
         where = env.get("gpu", "cpu").replace(" ", "-") if "cuda" in devices else "cpu"
         args.out = Path(__file__).parent / "results" / f"ops-{where}-{env['date']}"

@@ -3,7 +3,7 @@
 # required, run the CUDA kernels under compute-sanitizer, then the benchmark suite.
 # Results land in $OUT (the device tool's folder) or bench/results/gpu-<date>.
 #
-#   bash scripts/gpu_run.sh [steps...]     steps: build tests sanitize bench profile ncu (default: all)
+#   bash scripts/gpu_run.sh [steps...]     steps: build tests sanitize bench profile ncu trained (default: all)
 #
 # Uses the machine's python3 and its torch (no network there). Extra wheels (fastcluster) are
 # installed from .whl/ when that folder exists.
@@ -11,7 +11,7 @@
 # With the device tool (10 minutes a command; the machine goes cold 30 s after a call, so every
 # call builds again), two calls cover everything:
 #   OUT=$OUT bash scripts/gpu_run.sh build tests sanitize
-#   OUT=$OUT bash scripts/gpu_run.sh build bench profile ncu
+#   OUT=$OUT bash scripts/gpu_run.sh build bench profile ncu trained
 # Then, if tree_warp_kernel passed and `cuda-warp` beats `cuda` in ops.json, make it the default
 # (use_tree_warp in csrc/cuda/linkage_tree_kernel.cu) and commit the results with device and date.
 set -uo pipefail
@@ -22,7 +22,7 @@ LOGS=$(mktemp -d)
 mkdir -p "$OUT"
 trap 'tar czf "$OUT/logs.tgz" -C "$LOGS" .' EXIT
 export PYTHONUNBUFFERED=1
-STEPS=${*:-build tests sanitize bench profile ncu}
+STEPS=${*:-build tests sanitize bench profile ncu trained}
 PY=python3
 status=0
 
@@ -86,6 +86,18 @@ if [[ " $STEPS " == *" bench "* ]]; then
   # anchors are measured on the development machine (BENCH_ARGS="" runs everything).
   $PY bench/bench_ops.py ${BENCH_ARGS---devices cuda --backends cuda cuda-warp reference-cuda} --out "$OUT/ops" >"$LOGS/bench.log" 2>&1
   rc=$?; sed -n '/^op /,$p' "$LOGS/bench.log" | grep -v "^  "; echo "bench rc=$rc"; [ $rc -eq 0 ] || status=1
+fi
+
+if [[ " $STEPS " == *" trained "* ]]; then
+  # The trees on a briefly trained encoder's attention (they chain there): 2 epochs of the tiny MAE
+  # at 112 px / patch 8 (N = 196) on the embedded photos (needs timm and scikit-image there), then
+  # linkage_tree and hier_mask on its maps, both tree kernels.
+  timeout ${TRAINED_TIMEOUT:-150} $PY -m evomask_train.train --model tiny --img-size 112 --patch-size 8 --batch-size 64 \
+    --dataset-length 1024 --epochs 2 --warmup-epochs 1 --lr 1.5e-3 --mask random --gallery-every 100 \
+    --device cuda --output-dir /tmp/trained-mae >"$LOGS/trained.log" 2>&1 \
+    && timeout 120 $PY bench/bench_ops.py --ops linkage_tree hier_mask --checkpoint /tmp/trained-mae --devices cuda \
+      --backends cuda cuda-warp --out "$LOGS/ops-trained" >>"$LOGS/trained.log" 2>&1  # in logs.tgz: 8 files at most come back
+  rc=$?; sed -n '/^op /,$p' "$LOGS/trained.log" | grep -v "^  "; echo "trained rc=$rc"; [ $rc -eq 0 ] || status=1
 fi
 
 if [[ " $STEPS " == *" sanitize "* ]]; then
