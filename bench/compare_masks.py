@@ -229,6 +229,14 @@ def _pm(values: list[float], digits: int = 1) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if not math.isnan(std) else "")
 
 
+def _pretraining_data(args) -> str:
+    """What each epoch pretrains on: ``--data`` of ``--train-args`` if given, else the embedded photos."""
+    flags = args.train_args.split()
+    if "--data" in flags and flags.index("--data") + 1 < len(flags):
+        return f"the images of {flags[flags.index('--data') + 1]} (no labels)"
+    return f"{args.dataset_length} embedded-photo crops"
+
+
 def report(args, root: Path, rows: list[dict]) -> None:
     order = [INIT] + list(args.strategies)
     by = {s: [r for r in rows if r["strategy"] == s] for s in order}
@@ -236,7 +244,7 @@ def report(args, root: Path, rows: list[dict]) -> None:
         f"# Masking strategies compared ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC)",
         "",
         f"Pretraining: ViT-{args.model} MAE, {args.img_size} px, patch {args.patch_size}, mask ratio "
-        f"{args.mask_ratio}, {args.epochs} epochs x {args.dataset_length} embedded-photo crops, batch "
+        f"{args.mask_ratio}, {args.epochs} epochs x {_pretraining_data(args)}, batch "
         f"{args.batch_size}, lr {args.lr}, warmup {args.warmup_epochs}, device {args.device}; seeds {args.seeds}. "
         f"Evaluation on {args.eval_data}: {rows[0]['num_train'] if rows else '?'} train / "
         f"{rows[0]['num_val'] if rows else '?'} val images, {args.feature} feature; k-NN k={args.knn_k}, "
@@ -295,16 +303,28 @@ def _plots(root: Path, order: list[str], by: dict) -> None:
     fig.savefig(root / "accuracy.png", dpi=120)
     plt.close(fig)
 
-    curves = {s: [r["knn_curve"] for r in by[s] if r.get("knn_curve")] for s in shown}
+    # k-NN during pretraining: per strategy the mean over seeds (band: ± sample std), from the
+    # untrained encoder of each seed at epoch 0 to the last epoch.
+    init = {r["seed"]: float(r["knn_top1"]) for r in by.get(INIT, [])}
+    curves = {s: [[(0, init[r["seed"]])] * (r["seed"] in init) + list(map(tuple, r["knn_curve"]))
+                  for r in by[s] if r.get("knn_curve")] for s in shown if s != INIT}
     if any(curves.values()):
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, ax = plt.subplots(figsize=(7.5, 3.8))
         for s, runs in curves.items():
-            for i, curve in enumerate(runs):
-                epochs, acc = zip(*curve)
-                ax.plot(epochs, acc, color=f"C{shown.index(s)}", alpha=0.8, label=s if i == 0 else None)
-        ax.set_xlabel("epoch")
+            if not runs:
+                continue
+            epochs = sorted({e for run in runs for e, _ in run})
+            stats = [_mean_std([acc for run in runs for e, acc in run if e == epoch]) for epoch in epochs]
+            mean = [m for m, _ in stats]
+            sd = [0.0 if math.isnan(v) else v for _, v in stats]
+            color = f"C{shown.index(s)}"
+            ax.plot(epochs, mean, color=color, marker="o", ms=3, label=f"{s} ({len(runs)} seeds)")
+            ax.fill_between(epochs, [m - v for m, v in zip(mean, sd)], [m + v for m, v in zip(mean, sd)],
+                            color=color, alpha=0.12, linewidth=0)
+        ax.set_xlabel("pretraining epoch (0: the untrained encoder)")
         ax.set_ylabel("k-NN val top-1 (%)")
-        ax.legend()
+        ax.set_title("k-NN during pretraining (mean over seeds, band: ± std)", fontsize=10)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
         fig.tight_layout()
         fig.savefig(root / "knn_curves.png", dpi=120)
         plt.close(fig)
