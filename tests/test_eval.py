@@ -248,6 +248,8 @@ def test_bad_options_stop_with_one_line(capsys, checkpoint, digits_dir):
     if not torch.cuda.is_available():
         line = _stopped(capsys, ["--checkpoint", str(checkpoint), "--device", "cuda"])
         assert "--device cuda" in line
+    line = _stopped(capsys, ["--checkpoint", str(checkpoint), "--device", "gpu"])
+    assert "--device 'gpu' is not a device (auto, cpu, cuda or cuda:K)" in line
 
 
 def test_end_to_end_knn_matches_sklearn_on_the_extracted_features(checkpoint, digits_dir, capsys, tmp_path):

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .checkpoint import latest_valid_checkpoint, load_checkpoint
 from .data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image
+from .devices import parse_device
 from .model import MODEL_SIZES, build_mae
 
 __all__ = [
@@ -565,20 +566,7 @@ def linear_probe(
 
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> CUDA if available else CPU; ``cpu``, ``cuda``, ``cuda:K`` checked against the machine."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise EvaluationStopped(f"--device {device!r}: expected auto, cpu, cuda or cuda:K") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise EvaluationStopped(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise EvaluationStopped(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif dev.type != "cpu":
-        raise EvaluationStopped(f"--device {device}: expected auto, cpu, cuda or cuda:K")
-    return dev
+    return parse_device(device, EvaluationStopped, allow_auto=True)
 
 
 def _state_dict_mismatch(expected: dict, found) -> str:

@@ -33,6 +33,7 @@ from evomask_ext._checks import largest_keeping_ratio, smallest_masking_ratio
 from evomask_ext.masking import STRATEGIES
 
 from .data import build_dataset, build_loader
+from .devices import parse_device
 from .ema import EMATeacher
 from .engine import KnnMonitor, end_of_epoch, train_one_epoch, write_gallery
 from .errors import NonFiniteError, TrainingInterrupted, TrainingStopped
@@ -220,22 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 # set-up
 
 
-def _check_device(device_arg: str) -> None:
-    try:
-        device = torch.device(device_arg)
-    except (RuntimeError, ValueError) as exc:
-        raise TrainingStopped(f"--device {device_arg!r} is not a device (cpu, cuda or cuda:K): {exc}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainingStopped(f"--device {device_arg}: no CUDA device is available here (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise TrainingStopped(f"--device {device_arg}: only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type != "cpu":
-        raise TrainingStopped(f"--device {device_arg}: expected cpu, cuda or cuda:K")
-
-
 def _init_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    _check_device(device_arg)
+    parse_device(device_arg, TrainingStopped)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, torch.device(device_arg)
