@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from .checkpoint import latest_valid_checkpoint, load_checkpoint
 from .data import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image
 from .devices import parse_device
+from .flags import nonnegative_float, nonnegative_int, positive_float, positive_int
 from .model import MODEL_SIZES, build_mae
 
 __all__ = [
@@ -768,43 +769,6 @@ def knn_monitor(
 # command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _nonnegative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a finite number > 0, got 0")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``evomask-eval`` argument parser."""
     p = argparse.ArgumentParser(
@@ -824,28 +788,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse a checkpoint that holds another encoder size (default: take the checkpoint's)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:K")
     p.add_argument("--seed", type=int, default=0, help="seed of the linear probe's initialisation and batch order")
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="images per encoder batch")
-    p.add_argument("--num-workers", type=_nonnegative_int, default=0, help="DataLoader worker processes for the images")
-    p.add_argument("--crop-pct", type=_positive_float, default=DEFAULT_CROP_PCT,
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per encoder batch")
+    p.add_argument("--num-workers", type=nonnegative_int, default=0, help="DataLoader worker processes for the images")
+    p.add_argument("--crop-pct", type=positive_float, default=DEFAULT_CROP_PCT,
                    help="center crop: resize the shorter side to img_size / crop_pct, crop img_size (MAE: 224/256)")
     p.add_argument("--output-json", type=Path, default=None, help="also write the result line to this file")
     g = p.add_argument_group("k-NN")
-    g.add_argument("--knn-k", type=_positive_int, default=20, help="neighbours that vote (DINO: 20)")
-    g.add_argument("--knn-temperature", type=_positive_float, default=0.07, help="votes weigh exp(cos / T) (DINO: 0.07)")
+    g.add_argument("--knn-k", type=positive_int, default=20, help="neighbours that vote (DINO: 20)")
+    g.add_argument("--knn-temperature", type=positive_float, default=0.07, help="votes weigh exp(cos / T) (DINO: 0.07)")
     g = p.add_argument_group("linear probe (on features cached once: center crops, no augmentation)")
-    g.add_argument("--linear-epochs", type=_positive_int, default=None,
+    g.add_argument("--linear-epochs", type=positive_int, default=None,
                    help="epochs over the cached features (default: enough for MAE's 7,020 steps, at least MAE's 90)")
-    g.add_argument("--linear-warmup-epochs", type=_nonnegative_float, default=None,
+    g.add_argument("--linear-warmup-epochs", type=nonnegative_float, default=None,
                    help="linear warmup (default: a ninth of the epochs, as MAE's 10 of 90)")
-    g.add_argument("--linear-batch-size", type=_positive_int, default=256, help="features per step")
-    g.add_argument("--linear-blr", type=_positive_float, default=0.1, help="base lr: lr = blr * B / 256, B = 16384 (MAE's batch) for LARS, the step's batch for SGD (MAE: 0.1)")
-    g.add_argument("--linear-lr", type=_positive_float, default=None, help="absolute lr (overrides --linear-blr)")
-    g.add_argument("--linear-weight-decay", type=_nonnegative_float, default=0.0, help="weight decay (MAE: 0)")
+    g.add_argument("--linear-batch-size", type=positive_int, default=256, help="features per step")
+    g.add_argument("--linear-blr", type=positive_float, default=0.1, help="base lr: lr = blr * B / 256, B = 16384 (MAE's batch) for LARS, the step's batch for SGD (MAE: 0.1)")
+    g.add_argument("--linear-lr", type=positive_float, default=None, help="absolute lr (overrides --linear-blr)")
+    g.add_argument("--linear-weight-decay", type=nonnegative_float, default=0.0, help="weight decay (MAE: 0)")
     g.add_argument("--linear-optimizer", choices=["lars", "sgd"], default="lars", help="LARS (MAE) or SGD, momentum 0.9")
     g = p.add_argument_group("embedded data")
     g.add_argument("--make-digits", type=Path, default=None, metavar="DIR",
                    help="write the embedded digits as DIR/train and DIR/val PNG ImageFolder trees and exit")
-    g.add_argument("--digits-size", type=_positive_int, default=32, help="side of the PNGs --make-digits writes")
+    g.add_argument("--digits-size", type=positive_int, default=32, help="side of the PNGs --make-digits writes")
     return p
 
 

@@ -34,6 +34,7 @@ from evomask_ext.masking import STRATEGIES
 
 from .data import build_dataset, build_loader
 from .devices import parse_device
+from .flags import nonnegative_float, nonnegative_int, open_unit_float, positive_float, positive_int
 from .ema import EMATeacher
 from .engine import KnnMonitor, end_of_epoch, train_one_epoch, write_gallery
 from .errors import NonFiniteError, TrainingInterrupted, TrainingStopped
@@ -52,29 +53,6 @@ from .run_state import (
 )
 
 __all__ = ["build_parser", "main", "train", "TrainingStopped", "NonFiniteError", "TrainingInterrupted"]
-
-
-def _number(kind: type, test, expected: str):
-    """An argparse type: parses ``kind`` and rejects values failing ``test`` with what was expected."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not test(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
-        return value
-
-    parse.__name__ = expected  # argparse names the type in its messages
-    return parse
-
-
-positive_int = _number(int, lambda v: v > 0, "an integer >= 1")
-nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-nonnegative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-open_unit_float = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 def attn_layers_arg(text: str) -> int | str:
